@@ -91,9 +91,11 @@ def test_hooi_not_worse_than_hosvd_and_matches_tensorly():
         errors[method] = float((rec - kernel).norm())
     assert errors["hooi"] <= errors["hosvd"] + 1e-9
     tl.set_backend("numpy")
-    (core, factors), _ = partial_tucker(kernel.numpy(), rank=[8, 6], modes=[0, 1], n_iter_max=200, tol=1e-12)
+    (core, factors), _ = partial_tucker(
+        kernel.numpy(), rank=[8, 6], modes=[0, 1], n_iter_max=200, tol=1e-12
+    )
     rec = tl.tenalg.multi_mode_dot(core, factors, modes=[0, 1])
-    tl_error = float(((torch.from_numpy(rec) - kernel).norm()))
+    tl_error = float((torch.from_numpy(rec) - kernel).norm())
     assert errors["hooi"] <= tl_error * (1 + 1e-4)
 
 
@@ -175,9 +177,16 @@ def test_full_bond_mpo_reproduces_linear(sites):
     layer = nn.Linear(24, 36).double()
     in_f = {1: [24], 2: [4, 6], 3: [2, 3, 4]}[sites]
     out_f = {1: [36], 2: [6, 6], 3: [3, 3, 4]}[sites]
-    full = max([1] + [min(math.prod(a * b for a, b in zip(in_f[: k + 1], out_f[: k + 1])),
-                          math.prod(a * b for a, b in zip(in_f[k + 1:], out_f[k + 1:])))
-                      for k in range(sites - 1)])
+    full = max(
+        [1]
+        + [
+            min(
+                math.prod(a * b for a, b in zip(in_f[: k + 1], out_f[: k + 1])),
+                math.prod(a * b for a, b in zip(in_f[k + 1 :], out_f[k + 1 :])),
+            )
+            for k in range(sites - 1)
+        ]
+    )
     mpo = MPOLinear.from_linear(layer, bond_dim=full, in_factors=in_f, out_factors=out_f)
     x = torch.randn(5, 7, 24, dtype=torch.float64)
     for order in CONTRACTION_ORDERS:
@@ -209,7 +218,10 @@ def test_mpo_param_count_exact():
     mpo = MPOLinear.from_linear(layer, cr=0.48)
     d = mpo.bond_dim
     assert sum(c.numel() for c in mpo.cores) == mpo_params(mpo.in_factors, mpo.out_factors, d)
-    assert sum(p.numel() for p in mpo.parameters()) == mpo_params(mpo.in_factors, mpo.out_factors, d) + 640
+    assert (
+        sum(p.numel() for p in mpo.parameters())
+        == mpo_params(mpo.in_factors, mpo.out_factors, d) + 640
+    )
 
 
 def test_mpo_svd_beats_random():

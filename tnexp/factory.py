@@ -12,7 +12,6 @@ import dataclasses
 import difflib
 import fnmatch
 import json
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +107,8 @@ class TensorizeSpec:
             given = [r.pattern for r in self.rules if r.cr is not None]
             if given:
                 raise TensorizationError(
-                    f"overall_cr is set, so the per-layer CR is solved; remove cr from rules {given}."
+                    f"overall_cr is set, so the per-layer CR is solved; remove cr from rules "
+                    f"{given}."
                 )
         else:
             missing = [r.pattern for r in self.rules if r.cr is None and not r.has_explicit_size]
@@ -238,7 +238,9 @@ class TensorizeReport:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TensorizeReport:
         fields = {f.name for f in dataclasses.fields(LayerReport)}
-        layers = [LayerReport(**{k: v for k, v in d.items() if k in fields}) for d in data["layers"]]
+        layers = [
+            LayerReport(**{k: v for k, v in d.items() if k in fields}) for d in data["layers"]
+        ]
         totals = data["totals"]
         return cls(
             layers=layers,
@@ -261,7 +263,9 @@ class TensorizeReport:
 
         table = Table(title="tensorization report", show_lines=False)
         for col in ("layer", "kind", "shape", "ranks / bond", "params", "tensorized", "CR"):
-            table.add_column(col, justify="right" if col in ("params", "tensorized", "CR") else "left")
+            table.add_column(
+                col, justify="right" if col in ("params", "tensorized", "CR") else "left"
+            )
         rows = self.layers if max_rows is None else self.layers[:max_rows]
         for layer in rows:
             size = (
@@ -271,20 +275,34 @@ class TensorizeReport:
                 f"{'x'.join(map(str, layer.out_factors))}"
             )
             table.add_row(
-                layer.name, layer.kind, "x".join(map(str, layer.shape)), size,
-                f"{layer.params_before:,}", f"{layer.params_after:,}", f"{layer.cr:.3f}",
+                layer.name,
+                layer.kind,
+                "x".join(map(str, layer.shape)),
+                size,
+                f"{layer.params_before:,}",
+                f"{layer.params_after:,}",
+                f"{layer.cr:.3f}",
             )
         if max_rows is not None and len(self.layers) > max_rows:
             table.add_row(f"... {len(self.layers) - max_rows} more", "", "", "", "", "", "")
         table.add_section()
         table.add_row(
-            f"tensorized layers ({len(self.layers)})", "", "", "",
-            f"{self.tensorized_params_before:,}", f"{self.tensorized_params_after:,}",
+            f"tensorized layers ({len(self.layers)})",
+            "",
+            "",
+            "",
+            f"{self.tensorized_params_before:,}",
+            f"{self.tensorized_params_after:,}",
             f"{self.tensorized_cr:.3f}",
         )
         table.add_row(
-            "whole model", "", "", "", f"{self.model_params_before:,}",
-            f"{self.model_params_after:,}", f"{self.model_cr:.3f}",
+            "whole model",
+            "",
+            "",
+            "",
+            f"{self.model_params_before:,}",
+            f"{self.model_params_after:,}",
+            f"{self.model_cr:.3f}",
         )
         return table
 
@@ -401,8 +419,11 @@ def _size_for(item: _Planned, cr: float | None) -> dict[str, Any]:
             return {"ranks": rule.ranks}
         return {
             "ranks": tucker2_ranks_for_cr(
-                item.module.out_channels, item.module.in_channels, item.module.kernel_size,
-                cr, name=item.name,
+                item.module.out_channels,
+                item.module.in_channels,
+                item.module.kernel_size,
+                cr,
+                name=item.name,
             )
         }
     if rule.bond_dim is not None:
@@ -441,20 +462,28 @@ def solve_overall_cr(model: nn.Module, planned: Sequence[_Planned], target: floa
     free = [p for p in planned if not p.rule.has_explicit_size]
     if not free:
         raise TensorizationError(
-            "overall_cr is set but every selected layer has explicit ranks/bond_dim; nothing to solve."
+            "overall_cr is set but every selected layer has explicit ranks/bond_dim; "
+            "nothing is left to solve."
         )
-    lo, hi = 1e-4, 1.0 - 1e-4
-    try:
-        reachable = model_cr_at(hi)
-    except TensorizationError:
-        reachable = None
     share = sum(_weight_numel(p.module) for p in free) / total
-    if reachable is not None and reachable < target:
+    smallest = {"tucker": {"ranks": (1, 1)}, "mpo": {"bond_dim": 1}}
+    reachable = compression_rate(
+        total,
+        fixed_after
+        + sum(
+            _weight_params_after(
+                p, _size_for(p, None) if p.rule.has_explicit_size else smallest[p.kind]
+            )
+            for p in planned
+        ),
+    )
+    if reachable < target:
         raise TensorizationError(
             f"overall_cr {target} is out of reach: the selected layers hold {share:.1%} of the "
-            f"model's parameters, so at most about {reachable:.3f} can be removed. Select more "
+            f"model's parameters, so even rank-1 layers remove only {reachable:.3f}. Select more "
             "layers or lower overall_cr."
         )
+    lo, hi = 1e-4, 1.0 - 1e-4
     for _ in range(60):
         mid = 0.5 * (lo + hi)
         try:
@@ -480,7 +509,9 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 def _build_layer(item: _Planned, size: Mapping[str, Any], contraction: str) -> nn.Module:
     rule = item.rule
     if item.kind == "tucker":
-        return TuckerConv2d.from_conv(item.module, ranks=size["ranks"], init=rule.init, name=item.name)
+        return TuckerConv2d.from_conv(
+            item.module, ranks=size["ranks"], init=rule.init, name=item.name
+        )
     return MPOLinear.from_linear(
         item.module,
         bond_dim=size["bond_dim"],
@@ -517,7 +548,9 @@ def tensorize(
         new = _build_layer(item_student, size, spec.contraction)
         old = item_student.module
         _set_submodule(student, item.name, new)
-        weight_after = sum(p.numel() for n, p in new.named_parameters() if n != "bias" and "bias" not in n)
+        weight_after = sum(
+            p.numel() for n, p in new.named_parameters() if n != "bias" and "bias" not in n
+        )
         reports.append(
             LayerReport(
                 name=item.name,
@@ -653,4 +686,3 @@ __all__ = [
     "tensorize",
     "tensorized_modules",
 ]
-_ = math

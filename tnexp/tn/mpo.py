@@ -146,7 +146,9 @@ class ContractionPlanner:
                 if resolved in ("left_to_right", "right_to_left")
                 else ("optimal" if self.num_sites <= 4 else "dp")
             )
-            expr = opt_einsum.contract_expression(self._input_equation(), *shapes, optimize=optimize)
+            expr = opt_einsum.contract_expression(
+                self._input_equation(), *shapes, optimize=optimize
+            )
         self._cache[key] = (resolved, expr, costs[resolved])
         if len(self._cache) > 128:  # sequence lengths vary; keep the cache bounded
             self._cache.popitem(last=False)
@@ -195,7 +197,9 @@ class MPOLinear(nn.Module):
             for k, (i, o) in enumerate(zip(self.in_factors, self.out_factors, strict=True))
         )
         self.bias = (
-            nn.Parameter(torch.zeros(self.out_features, device=device, dtype=dtype)) if bias else None
+            nn.Parameter(torch.zeros(self.out_features, device=device, dtype=dtype))
+            if bias
+            else None
         )
         self.register_buffer("merged_weight", None, persistent=False)
         self._planner = ContractionPlanner(self.in_factors, self.out_factors, self.bonds)
@@ -292,7 +296,7 @@ class MPOLinear(nn.Module):
 
     @torch.no_grad()
     def merge_for_inference(self) -> None:
-        """Store the dense weight so that inference costs one GEMM. Call :meth:`unmerge` to train."""
+        """Store the dense weight so inference costs one GEMM; :meth:`unmerge` before training."""
         self.merged_weight = self.weight_in_out().detach().contiguous()
 
     def unmerge(self) -> None:
@@ -399,7 +403,9 @@ def mpo_random(
     per_core_std = (target_var / math.prod(bonds)) ** (1.0 / (2 * n))
     full = [1, *bonds, 1]
     return [
-        torch.randn(full[k], i, o, full[k + 1], dtype=weight_in_out.dtype,
-                    device=weight_in_out.device) * per_core_std
+        torch.randn(
+            full[k], i, o, full[k + 1], dtype=weight_in_out.dtype, device=weight_in_out.device
+        )
+        * per_core_std
         for k, (i, o) in enumerate(zip(in_factors, out_factors, strict=True))
     ]

@@ -34,10 +34,8 @@ def compression_rate(params_before: int, params_after: int) -> float:
 
 
 # --------------------------------------------------------------------------- Tucker-2
-def tucker2_params(
-    c_out: int, c_in: int, kernel_size: Sequence[int], ranks: Sequence[int]
-) -> int:
-    """Weight parameters of a Tucker-2 convolution: 1x1 (c_in->r_in), kxk core, 1x1 (r_out->c_out)."""
+def tucker2_params(c_out: int, c_in: int, kernel_size: Sequence[int], ranks: Sequence[int]) -> int:
+    """Weight parameters of a Tucker-2 conv: 1x1 (c_in->r_in), kxk core, 1x1 (r_out->c_out)."""
     r_out, r_in = ranks
     k = math.prod(kernel_size)
     return c_in * r_in + r_in * r_out * k + r_out * c_out
@@ -46,7 +44,7 @@ def tucker2_params(
 def tucker2_ranks_for_cr(
     c_out: int, c_in: int, kernel_size: Sequence[int], cr: float, *, name: str = "conv"
 ) -> tuple[int, int]:
-    """Tucker-2 ranks ``(r_out, r_in)`` whose parameter count is closest to ``(1-cr)`` of the kernel.
+    """Tucker-2 ranks ``(r_out, r_in)`` with parameters closest to ``(1-cr)`` of the kernel.
 
     Ranks are kept proportional to the channel counts (``r = a * c``), which turns the
     budget into a quadratic in ``a``; the real root is rounded and the integer pairs
@@ -93,7 +91,7 @@ def balanced_factors(n: int, num_sites: int) -> list[int]:
         return [n]
     best: list[int] | None = None
     for d in _divisors(n):
-        if d ** num_sites > n:
+        if d**num_sites > n:
             break
         rest = balanced_factors(n // d, num_sites - 1)
         candidate = sorted([d, *rest])
@@ -118,7 +116,8 @@ def check_factors(dim: int, factors: Sequence[int], *, what: str) -> list[int]:
     if any(f < 1 for f in factors) or math.prod(factors) != dim:
         raise TensorizationError(
             f"{what} factors {factors} multiply to {math.prod(factors)}, but the dimension is "
-            f"{dim}. Give factors whose product is {dim} (e.g. {balanced_factors(dim, len(factors))})"
+            f"{dim}. Give factors whose product is {dim} "
+            f"(e.g. {balanced_factors(dim, len(factors))})"
             " or leave them unset for a balanced factorisation."
         )
     return factors

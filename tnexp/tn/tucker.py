@@ -19,10 +19,15 @@ from tnexp.tn.ranks import tucker2_ranks_for_cr
 
 
 def _leading_left_singular(mat: torch.Tensor, rank: int) -> torch.Tensor:
-    # A rank above the short side of the unfolding (e.g. 1x1 kernels at full rank) needs the
-    # complete orthonormal basis; the extra directions get zero core entries.
-    u, _, _ = torch.linalg.svd(mat, full_matrices=rank > min(mat.shape))
-    return u[:, :rank]
+    """Leading ``rank`` left singular vectors of a wide matrix.
+
+    They are the top eigenvectors of the small ``rows x rows`` Gram matrix, which is far
+    cheaper than an SVD of the ``rows x (other modes)`` unfolding (ResNet-34's 512-channel
+    kernels unfold to 512 x 4608). A rank above ``rows`` cannot occur (rank <= channels).
+    """
+    gram = mat @ mat.T
+    _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues
+    return vecs[:, -rank:].flip(-1)
 
 
 @torch.no_grad()
@@ -31,8 +36,8 @@ def tucker2_decompose(
     ranks: Sequence[int],
     *,
     method: Literal["hosvd", "hooi"] = "hooi",
-    n_iter: int = 25,
-    tol: float = 1e-10,
+    n_iter: int = 10,
+    tol: float = 1e-8,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tucker-2 of a ``(c_out, c_in, kh, kw)`` kernel over modes 0 and 1, in float64.
 

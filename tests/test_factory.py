@@ -1,0 +1,251 @@
+import json
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from tnexp.factory import (
+    TensorizeSpec,
+    count_parameters,
+    load_tensorized,
+    merge_for_inference,
+    save_tensorized,
+    set_contraction,
+    tensorize,
+    tensorized_modules,
+)
+from tnexp.tn import MPOLinear, TensorizationError, TuckerConv2d
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_embd=48, n_layer=2, n_head=4, n_positions=64, vocab_size=101)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=48,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=101,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+RESNET_SPEC = {"rules": [{"pattern": "layer*.*.conv*", "cr": 0.5}], "exclude": ["layer1.0.conv1"]}
+
+
+def test_resnet34_tucker_report_counts():
+    teacher = torchvision.models.resnet34(num_classes=10)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student, report = tensorize(teacher, RESNET_SPEC)
+    # 32 block convs, one excluded; downsample convs do not match the pattern.
+    assert len(report.layers) == 31
+    assert set(tensorized_modules(student)) == {layer.name for layer in report.layers}
+    assert all(
+        isinstance(student.get_submodule(n), TuckerConv2d) for n in tensorized_modules(student)
+    )
+    assert isinstance(student.get_submodule("layer1.0.conv1"), nn.Conv2d)
+    # Report totals are the real parameter counts of both models.
+    assert report.model_params_before == count_parameters(teacher)
+    assert report.model_params_after == count_parameters(student)
+    delta = report.tensorized_params_before - report.tensorized_params_after
+    assert report.model_params_before - report.model_params_after == delta
+    for layer in report.layers:
+        assert abs(layer.cr - 0.5) < 0.02
+        module = student.get_submodule(layer.name)
+        assert layer.params_after == sum(p.numel() for p in module.parameters())
+    # The teacher is untouched.
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not tensorized_modules(teacher)
+    out = student(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    data = json.loads(report.to_json())
+    assert data["totals"]["num_layers"] == 31
+    assert "layer4.2.conv2" in str(report)
+
+
+def test_resnet18_full_rank_reproduces_outputs():
+    teacher = torchvision.models.resnet18(num_classes=10).double().eval()
+    convs = [n for n, m in teacher.named_modules() if isinstance(m, nn.Conv2d)]
+    rules = [
+        {
+            "pattern": n,
+            "ranks": [teacher.get_submodule(n).out_channels, teacher.get_submodule(n).in_channels],
+        }
+        for n in convs
+    ]
+    student, _ = tensorize(teacher, {"rules": rules})
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(student(x), teacher(x), atol=1e-8, rtol=1e-8)
+
+
+def test_gpt2_conv1d_mlp():
+    teacher = tiny_gpt2()
+    spec = {
+        "rules": [
+            {"pattern": "transformer.h.*.mlp.c_fc", "cr": 0.5},
+            {"pattern": "transformer.h.*.mlp.c_proj", "cr": 0.5},
+        ]
+    }
+    student, report = tensorize(teacher, spec)
+    assert [layer.name for layer in report.layers] == [
+        "transformer.h.0.mlp.c_fc",
+        "transformer.h.0.mlp.c_proj",
+        "transformer.h.1.mlp.c_fc",
+        "transformer.h.1.mlp.c_proj",
+    ]
+    assert report.layers[0].module_type == "Conv1D"
+    assert report.layers[0].in_factors == [6, 8] and report.layers[0].out_factors == [12, 16]
+    ids = torch.randint(0, 101, (2, 10))
+    logits = student(ids).logits
+    assert logits.shape == (2, 10, 101) and torch.isfinite(logits).all()
+    # Tied embeddings stay tied and are counted once.
+    assert student.lm_head.weight is student.transformer.wte.weight
+    assert report.model_params_before == count_parameters(teacher)
+
+
+def test_llama_mlp_and_overall_cr():
+    teacher = tiny_llama()
+    spec = {"rules": [{"pattern": "model.layers.*.mlp.*_proj"}], "overall_cr": 0.3}
+    student, report = tensorize(teacher, spec)
+    assert len(report.layers) == 6
+    assert {layer.name.rsplit(".", 1)[1] for layer in report.layers} == {
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
+    assert report.per_layer_cr is not None and report.per_layer_cr > 0.3
+    # One bond step on the largest layer moves the whole-model CR by at most this much.
+    step = max(sum(f) for layer in report.layers for f in [layer.in_factors])
+    assert abs(report.model_cr - 0.3) < 0.01 + step * 20 / report.model_params_before
+    logits = student(torch.randint(0, 101, (1, 8))).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_overall_cr_unreachable():
+    teacher = tiny_gpt2()
+    spec = {"rules": [{"pattern": "transformer.h.0.mlp.c_fc"}], "overall_cr": 0.9}
+    with pytest.raises(TensorizationError, match="out of reach"):
+        tensorize(teacher, spec)
+
+
+def test_save_load_round_trip(tmp_path):
+    teacher = tiny_gpt2()
+    student, report = tensorize(
+        teacher, {"rules": [{"pattern": "transformer.h.*.mlp.c_*", "cr": 0.4, "init": "svd"}]}
+    )
+    save_tensorized(student, report, tmp_path / "saved")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    base = GPT2LMHeadModel(
+        GPT2Config(n_embd=48, n_layer=2, n_head=4, n_positions=64, vocab_size=101)
+    )
+    loaded, loaded_report = load_tensorized(tmp_path / "saved", base=base)
+    for (ka, va), (kb, vb) in zip(student.state_dict().items(), loaded.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+    ids = torch.randint(0, 101, (1, 7))
+    assert torch.equal(student(ids).logits, loaded.eval()(ids).logits)
+    assert loaded_report.to_dict() == report.to_dict()
+
+
+def test_save_load_with_base_config(tmp_path):
+    teacher = torchvision.models.resnet18(num_classes=4)
+    student, report = tensorize(teacher, {"rules": [{"pattern": "layer4.*.conv*", "cr": 0.7}]})
+    save_tensorized(
+        student,
+        report,
+        tmp_path,
+        base_config={"_target_": "torchvision.models.resnet18", "num_classes": 4},
+    )
+    loaded, _ = load_tensorized(tmp_path)
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(loaded.eval()(x), student.eval()(x))
+
+
+def test_load_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a saved tensorized model"):
+        load_tensorized(tmp_path)
+
+
+def test_load_into_wrong_architecture(tmp_path):
+    student, report = tensorize(
+        torchvision.models.resnet18(num_classes=4),
+        {"rules": [{"pattern": "layer4.*.conv*", "cr": 0.7}]},
+    )
+    save_tensorized(student, report, tmp_path)
+    with pytest.raises(TensorizationError, match="do not fit"):
+        load_tensorized(tmp_path, base=torchvision.models.resnet18(num_classes=7))
+
+
+def test_contraction_override_and_merge():
+    teacher = tiny_gpt2()
+    student, _ = tensorize(
+        teacher,
+        {
+            "rules": [{"pattern": "transformer.h.*.mlp.c_*", "cr": 0.5}],
+            "contraction": "left_to_right",
+        },
+    )
+    ids = torch.randint(0, 101, (1, 5))
+    with torch.no_grad():
+        ref = student(ids).logits
+    assert {m.last_order for m in student.modules() if isinstance(m, MPOLinear)} == {
+        "left_to_right"
+    }
+    set_contraction(student, "dense")
+    merge_for_inference(student)
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"rules": [{"pattern": "layer9.*.conv*", "cr": 0.5}]}, "matches no tensorizable module"),
+        ({"rules": [{"pattern": "layer1.0.conv3", "cr": 0.5}]}, "layer1.0.conv1"),
+        ({"rules": [{"pattern": "layer*.*.conv*", "cr": 1.2}]}, "strictly between 0 and 1"),
+        ({"rules": [{"pattern": "layer*.*.conv*", "cr": 0.0}]}, "strictly between 0 and 1"),
+        ({"rules": [{"pattern": "layer1.0.conv1", "ranks": [65, 8]}]}, "r_out <= 64"),
+        ({"rules": [{"pattern": "layer1.0.conv1", "cr": 0.9999}]}, "rank below 1"),
+        ({"rules": [{"pattern": "fc", "method": "tucker", "cr": 0.5}]}, "asks for tucker"),
+        ({"rules": [{"pattern": "fc", "cr": 0.5, "in_factors": [7, 73]}]}, "multiply to 511"),
+        ({"rules": [{"pattern": "layer*.*.conv*"}]}, "neither cr"),
+        ({"rules": [{"pattern": "layer*", "cr": 0.5}], "exclude": ["nope"]}, "exclusion 'nope'"),
+        ({"rules": [{"pattern": "layer*", "cr": 0.5}], "colour": 1}, "unknown tensorization"),
+        ({"rules": [{"pattern": "layer*", "cr": 0.5}], "overall_cr": 0.3}, "remove cr"),
+        ({"rules": [{"pattern": "layer*", "cr": 0.5}], "contraction": "fast"}, "contraction"),
+    ],
+)
+def test_bad_specs(spec, message):
+    with pytest.raises(TensorizationError, match=message):
+        tensorize(torchvision.models.resnet18(num_classes=10), spec)
+
+
+def test_unsupported_layer_type():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4))
+    with pytest.raises(TensorizationError, match="matches no tensorizable module"):
+        tensorize(model, {"rules": [{"pattern": "0", "cr": 0.5}]})
+
+
+def test_spec_from_hydra_config():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(
+        {
+            "rules": [{"pattern": "layer*.*.conv*", "cr": 0.7, "init": "random"}],
+            "exclude": ["layer1.0.conv1"],
+        }
+    )
+    spec = TensorizeSpec.from_config(cfg)
+    assert spec.rules[0].cr == 0.7 and spec.rules[0].init == "random"
+    assert TensorizeSpec.from_config(spec.to_dict()) == spec
