@@ -1,0 +1,277 @@
+"""The training core: modules, Hydra app stages, results, resume, W&B, bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from tnexp.cli import CONFIG_DIR
+from tnexp.factory import tensorize
+from tnexp.models import small_resnet
+from tnexp.modules import LocalConfig, LocalDistillation, NonFiniteLossError
+from tnexp.run import load_teacher, run_stage
+from tnexp.slicing import make_slice_plan
+from tnexp.tasks import ClassificationTask
+
+FAST = [
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "trainer.accelerator=cpu",
+    "trainer.log_every_n_steps=1",
+    "logger=csv",
+    "callbacks.progress_bar=none",
+    "data.image_size=8",
+    "model.width=8",
+]
+
+
+def make_cfg(tmp: Path, *overrides: str, fast: bool = True):
+    base = FAST if fast else []
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(
+            "train",
+            overrides=[
+                *base,
+                f"paths.output_dir={tmp}",
+                f"paths.cache_dir={tmp / 'cache'}",
+                *overrides,
+            ],
+        )
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    results = run_stage(make_cfg(out, "method=pretrain", "trainer.limit_train_batches=8"))
+    assert (out / "teacher.safetensors").is_file()
+    assert results["method"] == "pretrain"
+    return out
+
+
+@pytest.mark.parametrize("method", ["local", "global", "hybrid"])
+def test_stage_runs_and_writes_results(teacher_dir, tmp_path, method):
+    extra = ["method.local_epochs=1", "trainer.max_epochs=2"] if method == "hybrid" else []
+    results = run_stage(
+        make_cfg(tmp_path, f"method={method}", f"teacher.path={teacher_dir}", *extra)
+    )
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["method"] == method
+    for key in ("config", "metrics", "time", "tensorize", "params", "weights"):
+        assert key in saved, key
+    assert 0.0 <= saved["metrics"]["best"]["val/top1"] <= 100.0
+    assert "val/top5" in saved["metrics"]["final"]
+    assert saved["time"]["optimization_s"] > 0
+    assert saved["time"]["time_to_best_s"] is not None
+    assert saved["tensorize"]["totals"]["num_layers"] == 8
+    assert abs(saved["tensorize"]["layers"][0]["cr"] - 0.5) < 0.1
+    assert (tmp_path / "student" / "model.safetensors").is_file()
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert list((tmp_path / "csv").glob("**/metrics.csv"))
+    assert results["global_step"] == saved["global_step"] > 0
+    if method == "hybrid":
+        metrics = (next((tmp_path / "csv").glob("**/metrics.csv"))).read_text()
+        assert "train/slice/" in metrics  # the local epoch logged per-slice losses
+
+
+def test_local_logs_per_slice_losses(teacher_dir, tmp_path):
+    run_stage(
+        make_cfg(tmp_path, "method=local", f"teacher.path={teacher_dir}", "method.slicing=layer")
+    )
+    header = next((tmp_path / "csv").glob("**/metrics.csv")).read_text().splitlines()[0]
+    assert header.count("train/slice/") >= 8  # 8 tensorized layers, per step and epoch
+
+
+def test_resume_continues_from_last_checkpoint(teacher_dir, tmp_path):
+    first = run_stage(make_cfg(tmp_path, "method=global", f"teacher.path={teacher_dir}"))
+    second = run_stage(
+        make_cfg(
+            tmp_path,
+            "method=global",
+            f"teacher.path={teacher_dir}",
+            "trainer.max_epochs=2",
+            "resume=auto",
+        )
+    )
+    assert second["global_step"] == 2 * first["global_step"]
+    # The optimisation timer resumes its accumulated time too.
+    assert second["time"]["optimization_s"] > first["time"]["optimization_s"]
+    assert len(second["time"]["history"]) == 2
+
+
+def test_wandb_offline_run_directory(teacher_dir, tmp_path):
+    results = run_stage(
+        make_cfg(
+            tmp_path,
+            "method=global",
+            f"teacher.path={teacher_dir}",
+            "logger=default",
+            "experiment_name=table1",
+        )
+    )
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs, "no offline W&B run directory"
+    assert results["experiment"] == "table1"
+
+
+def test_teacher_mismatch_is_a_clear_error(teacher_dir, tmp_path):
+    cfg = make_cfg(tmp_path, "method=local", f"teacher.path={teacher_dir}", "model.width=16")
+    with pytest.raises(ValueError, match="does not match model"):
+        load_teacher(cfg)
+
+
+def test_missing_teacher_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="method=pretrain"):
+        run_stage(make_cfg(tmp_path, "method=local"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_stage(make_cfg(tmp_path, "method=local", f"teacher.path={tmp_path / 'nope'}"))
+
+
+# ---------------------------------------------------------------- module-level behaviour
+def _local_module(slices=None, input_source="teacher", loss="mse"):
+    torch.manual_seed(0)
+    teacher = small_resnet(width=8).eval()
+    student, _ = tensorize(
+        teacher, {"rules": [{"pattern": "layer*.*.conv*", "cr": 0.5, "init": "random"}]}
+    )
+    plan = make_slice_plan(student, "block")
+    if slices is not None:
+        plan = plan.select(slices)
+    module = LocalDistillation(
+        student,
+        ClassificationTask(10),
+        teacher=teacher,
+        plan=plan,
+        local=LocalConfig(input_source=input_source, loss=loss),
+    )
+    module.setup("fit")
+    module._set_train_modes("local")
+    return module
+
+
+def _slice_grads(module, name):
+    s = module.plan[name]
+    return [p.grad.clone() for p in s.parameters(module.student)]
+
+
+def test_slice_gradients_independent_of_other_slices():
+    batch = (torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,)))
+    full = _local_module()
+    full._local_step(batch).backward()
+    name = full.plan.names()[1]
+    alone = _local_module(slices=[name])
+    alone._local_step(batch).backward()
+    for a, b in zip(_slice_grads(full, name), _slice_grads(alone, name), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_student_input_source_differs_from_teacher_input():
+    batch = (torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,)))
+    losses = {}
+    for source in ("teacher", "student"):
+        module = _local_module(input_source=source)
+        losses[source] = module._local_step(batch).item()
+    assert losses["teacher"] != pytest.approx(losses["student"])
+
+
+@pytest.mark.parametrize("loss", ["mse", "normalized_mse", "cosine"])
+def test_distillation_losses_are_zero_for_the_teacher_itself(loss):
+    from tnexp.modules import get_distillation_loss
+
+    x = torch.randn(3, 4, 5)
+    assert float(get_distillation_loss(loss)(x, x)) == pytest.approx(0.0, abs=1e-6)
+    assert float(get_distillation_loss(loss)(x + torch.randn_like(x), x)) > 0
+
+
+def test_nan_loss_names_the_slice():
+    module = _local_module()
+    batch = (torch.full((2, 1, 8, 8), float("nan")), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(NonFiniteLossError, match=r"slice 'layer1\.0'.*step 0"):
+        module._local_step(batch)
+
+
+def test_cached_and_online_give_the_same_losses(tmp_path):
+    from tnexp.features import open_feature_cache, teacher_fingerprint, write_feature_cache
+
+    module = _local_module()
+    x = torch.randn(6, 1, 8, 8)
+    y = torch.randint(0, 10, (6,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=6)
+    write_feature_cache(
+        tmp_path / "c",
+        module.teacher,
+        module.plan,
+        loader,
+        dtype="float32",
+        dataset_identity={"name": "t"},
+        progress=False,
+    )
+    cache = open_feature_cache(
+        tmp_path / "c",
+        teacher_fingerprint=teacher_fingerprint(module.teacher),
+        dataset_identity={"name": "t"},
+        plan=module.plan,
+        dtype="float32",
+    )
+    from tnexp.features import collate_features
+
+    cached_batch = collate_features([cache[i] for i in range(6)])
+    online = float(module._local_step((x, y)))
+    cached = float(module._local_step(cached_batch))
+    assert online == pytest.approx(cached, rel=1e-6)
+
+
+def test_cached_local_stage_runs(teacher_dir, tmp_path):
+    results = run_stage(
+        make_cfg(
+            tmp_path,
+            "method=local",
+            f"teacher.path={teacher_dir}",
+            "method.features=cached",
+            "method.cache.dtype=float32",
+        )
+    )
+    assert results["time"]["optimization_s"] > 0
+    assert list((tmp_path / "cache").glob("*/manifest.json"))
+
+
+# ---------------------------------------------------------------- configs
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "group",
+    [
+        "data",
+        "model",
+        "tensorize",
+        "method",
+        "trainer",
+        "logger",
+        "callbacks",
+        "paths",
+        "experiment",
+    ],
+)
+def test_every_config_composes_and_instantiates(group, tmp_path):
+    from tnexp.run import build_datamodule, build_model, tensorize_spec
+
+    for option in _options(group):
+        override = f"{group}={option}"
+        cfg = make_cfg(tmp_path, override, fast=False)
+        OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+        assert build_datamodule(cfg) is not None
+        assert isinstance(build_model(cfg), torch.nn.Module)
+        if cfg.tensorize.rules:
+            tensorize_spec(cfg)
+
+
+def test_unknown_method_is_hydras_error(tmp_path):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="method"):
+        make_cfg(tmp_path, "method=distill")

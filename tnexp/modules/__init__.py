@@ -1,0 +1,29 @@
+"""LightningModules of tnexp: pretrain, local, global and hybrid share one class."""
+
+from tnexp.modules.losses import DISTILLATION_LOSSES, get_distillation_loss
+from tnexp.modules.optim import OptimizerConfig, build_optimizer
+from tnexp.modules.tensorization import (
+    GlobalConfig,
+    GlobalFinetune,
+    Hybrid,
+    LocalConfig,
+    LocalDistillation,
+    NonFiniteLossError,
+    Phase,
+    TensorizationModule,
+)
+
+__all__ = [
+    "DISTILLATION_LOSSES",
+    "GlobalConfig",
+    "GlobalFinetune",
+    "Hybrid",
+    "LocalConfig",
+    "LocalDistillation",
+    "NonFiniteLossError",
+    "OptimizerConfig",
+    "Phase",
+    "TensorizationModule",
+    "build_optimizer",
+    "get_distillation_loss",
+]

@@ -1,0 +1,384 @@
+"""LightningModules: local (slice-wise feature distillation), global, hybrid, pretrain.
+
+All of them are one class, :class:`TensorizationModule`, driven by a schedule of phases:
+``local`` trains every selected slice of the tensorized student to reproduce the teacher
+slice's output from the teacher slice's input (paper eq. 1); ``global`` fine-tunes the
+whole student on the task loss. ``LocalDistillation``, ``GlobalFinetune`` and ``Hybrid``
+(local for N epochs, then global) are that class with fixed schedules, and ``Pretrain``
+is global training of a dense model that has no teacher.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from tnexp.features import FeatureCapture
+from tnexp.modules.losses import get_distillation_loss
+from tnexp.modules.optim import OptimizerConfig, build_optimizer, build_scheduler
+from tnexp.slicing import SlicePlan
+from tnexp.tn.mpo import MPOLinear
+from tnexp.tn.tucker import TuckerConv2d
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; training stops instead of silently diverging."""
+
+
+@dataclass
+class LocalConfig:
+    """Settings of the local (slice-wise distillation) phase."""
+
+    loss: str = "mse"  # mse | normalized_mse | cosine
+    input_source: str = "teacher"  # teacher (independent slices) | student (sequential)
+    trainable: str = "slice"  # slice: every parameter in a slice | tensorized: TN cores only
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.optimizer, dict) or not isinstance(self.optimizer, OptimizerConfig):
+            self.optimizer = OptimizerConfig.from_config(self.optimizer)
+        get_distillation_loss(self.loss)
+        if self.input_source not in ("teacher", "student"):
+            raise ValueError(
+                f"local.input_source must be 'teacher' or 'student', got {self.input_source!r}."
+            )
+        if self.trainable not in ("slice", "tensorized"):
+            raise ValueError(
+                f"local.trainable must be 'slice' or 'tensorized', got {self.trainable!r}."
+            )
+
+
+@dataclass
+class GlobalConfig:
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.optimizer, OptimizerConfig):
+            self.optimizer = OptimizerConfig.from_config(self.optimizer)
+
+
+@dataclass(frozen=True)
+class Phase:
+    method: str  # "local" | "global"
+    epochs: int | None  # None: until the trainer stops
+
+
+class TensorizationModule(L.LightningModule):
+    """Trains a (tensorized) student by a schedule of local and global phases."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        task: Any,
+        schedule: Sequence[Phase],
+        *,
+        teacher: nn.Module | None = None,
+        plan: SlicePlan | None = None,
+        local: LocalConfig | None = None,
+        global_: GlobalConfig | None = None,
+    ):
+        super().__init__()
+        self.student = student
+        self.task = task
+        self.schedule = list(schedule)
+        self.local_cfg = local or LocalConfig()
+        self.global_cfg = global_ or GlobalConfig()
+        self.plan = plan
+        # The teacher is frozen and must not end up in checkpoints: keep it outside the
+        # registered module tree and move it to the device by hand.
+        object.__setattr__(self, "_teacher", teacher)
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+        if any(p.method == "local" for p in self.schedule):
+            if teacher is None or plan is None:
+                raise ValueError("a local phase needs a teacher and a slice plan.")
+            self._distill = get_distillation_loss(self.local_cfg.loss)
+        self.feature_capture_seconds = 0.0
+        self.val_metrics = task.make_metrics()
+        self._teacher_capture: FeatureCapture | None = None
+        self._student_capture: FeatureCapture | None = None
+        self._optim_phase: str | None = None
+
+    # ------------------------------------------------------------------ schedule
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self._teacher
+
+    def phase_at(self, epoch: int) -> Phase:
+        start = 0
+        for phase in self.schedule:
+            if phase.epochs is None or epoch < start + phase.epochs:
+                return phase
+            start += phase.epochs
+        return self.schedule[-1]
+
+    @property
+    def phase(self) -> Phase:
+        return self.phase_at(self.current_epoch if self._trainer is not None else 0)
+
+    def batch_size_for(self, method: str) -> int | None:
+        return (self.local_cfg if method == "local" else self.global_cfg).batch_size
+
+    # ------------------------------------------------------------------ parameters
+    def local_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained by the local phase: those of the selected slices."""
+        assert self.plan is not None
+        seen: dict[int, nn.Parameter] = {}
+        for s in self.plan:
+            params = (
+                s.tensorized_parameters(self.student)
+                if self.local_cfg.trainable == "tensorized"
+                else s.parameters(self.student)
+            )
+            for p in params:
+                seen[id(p)] = p
+        return list(seen.values())
+
+    def configure_optimizers(self):
+        # One optimizer, two parameter groups (local-trainable, the rest): the groups are
+        # the same in every phase, so a checkpoint taken in either phase resumes cleanly.
+        # Phase changes only set the learning rates (see on_train_epoch_start).
+        local_ids = {id(p) for p in self.local_parameters()} if self.plan is not None else set()
+        all_params = [p for p in self.student.parameters()]
+        first = [p for p in all_params if id(p) in local_ids] or all_params
+        rest = [p for p in all_params if id(p) not in {id(q) for q in first}]
+        phase = self.phase
+        cfg = self._optimizer_cfg(phase.method)
+        groups = [{"params": first, "name": "slices" if local_ids else "all"}]
+        if rest:
+            groups.append({"params": rest, "name": "rest"})
+        optimizer = build_optimizer(groups, cfg)
+        self._apply_phase_lrs(optimizer, phase.method)
+        total = self._estimated_total_steps()
+        scheduler = build_scheduler(optimizer, cfg, total) if total else None
+        if scheduler is None:
+            return optimizer
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def _optimizer_cfg(self, method: str) -> OptimizerConfig:
+        return self.local_cfg.optimizer if method == "local" else self.global_cfg.optimizer
+
+    def _apply_phase_lrs(self, optimizer: torch.optim.Optimizer, method: str) -> None:
+        cfg = self._optimizer_cfg(method)
+        for group in optimizer.param_groups:
+            frozen = method == "local" and group["name"] == "rest"
+            group["lr"] = 0.0 if frozen else cfg.lr
+            group["initial_lr"] = group["lr"]
+            group["weight_decay"] = cfg.weight_decay
+        self._optim_phase = method
+
+    def _estimated_total_steps(self) -> int | None:
+        try:
+            return int(self.trainer.estimated_stepping_batches)
+        except Exception:  # no trainer attached (e.g. unit tests calling the hook directly)
+            return None
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, stage: str) -> None:
+        if self.teacher is not None and self.plan is not None:
+            self._teacher_capture = FeatureCapture(self.teacher, self.plan)
+            if self.local_cfg.input_source == "student":
+                self._student_capture = FeatureCapture(
+                    self.student, self.plan, capture_outputs=False, stop_after_last=True
+                )
+
+    def teardown(self, stage: str) -> None:
+        for capture in (self._teacher_capture, self._student_capture):
+            if capture is not None:
+                capture.close()
+        self._teacher_capture = self._student_capture = None
+
+    def on_fit_start(self) -> None:
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+        self._sync_datamodule()
+
+    def on_validation_start(self) -> None:
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+
+    def on_train_epoch_start(self) -> None:
+        method = self.phase.method
+        if method != self._optim_phase:
+            for optimizer in self.trainer.optimizers:
+                # A new phase starts from fresh optimizer moments, as a separate run would.
+                optimizer.state.clear()
+                self._apply_phase_lrs(optimizer, method)
+        self._set_train_modes(method)
+
+    def on_train_epoch_end(self) -> None:
+        # Dataloaders are rebuilt before the next epoch starts, so set its batch size now.
+        self._sync_datamodule(self.current_epoch + 1)
+
+    def _sync_datamodule(self, epoch: int | None = None) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        phase = self.phase_at(self.current_epoch if epoch is None else epoch)
+        if datamodule is not None and hasattr(datamodule, "set_phase"):
+            datamodule.set_phase(phase.method, self.batch_size_for(phase.method))
+
+    def _set_train_modes(self, method: str) -> None:
+        if method == "global":
+            self.student.train()
+            self.student.requires_grad_(True)
+            return
+        # Local phase: batch statistics would tie a slice's output to its batch-mates and
+        # drift the BatchNorm running stats away from the teacher's, so the whole student
+        # runs in eval mode; the slice parameters still train.
+        self.student.eval()
+        trainable = {id(p) for p in self.local_parameters()}
+        for p in self.student.parameters():
+            p.requires_grad_(id(p) in trainable)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.phase.method == "local" and self.student.training:
+            self.student.eval()  # Lightning puts the module back in train mode after validation
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.phase.method == "local":
+            return self._local_step(batch)
+        return self._global_step(batch)
+
+    def _global_step(self, batch: Any) -> torch.Tensor:
+        outputs = self.task.forward(self.student, batch)
+        loss = self.task.loss(outputs, batch)
+        self._check_finite(loss, "global task loss")
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/phase", 1.0, on_step=True)
+        return loss
+
+    def _timed_capture(self, capture: FeatureCapture, inputs: Any) -> dict[str, Any]:
+        start = time.perf_counter()
+        features = capture(inputs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.feature_capture_seconds += time.perf_counter() - start
+        return features
+
+    def _local_step(self, batch: Any) -> torch.Tensor:
+        assert self.plan is not None
+        if _is_cached_batch(batch):
+            features, _ = batch
+            pairs = {name: (inp, out, {}) for name, (inp, out) in features.items()}
+        else:
+            inputs = self.task.model_inputs(batch)
+            teacher = self._timed_capture(self._teacher_capture, inputs)
+            pairs = {name: (f.input, f.output, f.kwargs) for name, f in teacher.items()}
+            if self._student_capture is not None:
+                student = self._timed_capture(self._student_capture, inputs)
+                pairs = {
+                    name: (student[name].input, out, student[name].kwargs)
+                    for name, (_, out, _) in pairs.items()
+                }
+        dtype = next(self.student.parameters()).dtype
+        losses = {}
+        for s in self.plan:
+            inp, target, kwargs = pairs[s.name]
+            prediction = s.forward(self.student, inp.to(dtype), **kwargs)
+            # Each slice's graph is disjoint from the others', so the summed loss gives each
+            # slice exactly the gradient it would get if it were trained alone.
+            loss = self._distill(prediction, target.to(prediction.dtype))
+            self._check_finite(loss, f"slice {s.name!r}")
+            losses[s.name] = loss
+        total = torch.stack(list(losses.values())).sum()
+        for name, loss in losses.items():
+            self.log(f"train/slice/{name}", loss, on_step=True, on_epoch=True)
+        self.log("train/loss", total, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/phase", 0.0, on_step=True)
+        return total
+
+    def _check_finite(self, loss: torch.Tensor, what: str) -> None:
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLossError(
+                f"{what} is {loss.item()} at step {self.global_step} (epoch {self.current_epoch})."
+                " Training stopped; lower the learning rate, check the inputs for NaN, or resume "
+                "from the last checkpoint with other settings."
+            )
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        # The slices are already plugged into the student, so local runs are measured on the
+        # task exactly like global ones (accuracy-vs-time curves for every method).
+        outputs = self.task.forward(self.student, batch)
+        loss = self.task.loss(outputs, batch)
+        self.task.update_metrics(self.val_metrics, outputs, batch, loss)
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.task.finalize(self.val_metrics.compute())
+        self.val_metrics.reset()
+        for name, value in values.items():
+            self.log(f"val/{name}", value, prog_bar=name in ("top1", "ppl"), sync_dist=True)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        values = self.task.finalize(self.val_metrics.compute())
+        self.val_metrics.reset()
+        for name, value in values.items():
+            self.log(f"test/{name}", value, sync_dist=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["tnexp"] = {"schedule": [p.__dict__ for p in self.schedule]}
+
+
+def _is_cached_batch(batch: Any) -> bool:
+    return isinstance(batch, tuple | list) and len(batch) == 2 and isinstance(batch[0], dict)
+
+
+def count_tensorized(model: nn.Module) -> int:
+    return sum(isinstance(m, TuckerConv2d | MPOLinear) for m in model.modules())
+
+
+class LocalDistillation(TensorizationModule):
+    """Slice-wise feature distillation for the whole run."""
+
+    def __init__(self, student, task, *, teacher, plan, local: LocalConfig | None = None):
+        super().__init__(
+            student, task, [Phase("local", None)], teacher=teacher, plan=plan, local=local
+        )
+
+
+class GlobalFinetune(TensorizationModule):
+    """End-to-end training on the task loss (fine-tuning a student, or pretraining a teacher)."""
+
+    def __init__(self, student, task, *, global_: GlobalConfig | None = None):
+        super().__init__(student, task, [Phase("global", None)], global_=global_)
+
+
+class Hybrid(TensorizationModule):
+    """Local for ``local_epochs`` epochs, then global, in one run (paper table 4)."""
+
+    def __init__(
+        self,
+        student,
+        task,
+        *,
+        teacher,
+        plan,
+        local_epochs: int,
+        local: LocalConfig | None = None,
+        global_: GlobalConfig | None = None,
+    ):
+        if local_epochs < 1:
+            raise ValueError(f"hybrid needs local_epochs >= 1, got {local_epochs}.")
+        super().__init__(
+            student,
+            task,
+            [Phase("local", local_epochs), Phase("global", None)],
+            teacher=teacher,
+            plan=plan,
+            local=local,
+            global_=global_,
+        )

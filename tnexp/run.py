@@ -1,0 +1,394 @@
+"""What the `tnexp` command does: one training stage, or the quickstart pipeline.
+
+A stage builds the data, the model and (except for pretraining) the teacher and the
+tensorized student through the one factory, trains it with the method's LightningModule,
+and writes into its output directory: ``results.json``, CSV logs, Lightning checkpoints
+(``checkpoints/``) and the final and best weights as safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from tnexp.callbacks import OptimizationTimer
+from tnexp.data.phased import PhasedDataModule
+from tnexp.factory import TensorizeSpec, count_parameters, save_tensorized, tensorize
+from tnexp.modules import (
+    GlobalConfig,
+    GlobalFinetune,
+    Hybrid,
+    LocalConfig,
+    LocalDistillation,
+    TensorizationModule,
+)
+from tnexp.slicing import make_slice_plan
+from tnexp.tasks import ClassificationTask
+
+log = logging.getLogger("tnexp")
+METHODS = ("pretrain", "local", "global", "hybrid")
+TEACHER_FILE = "teacher.safetensors"
+
+
+def run(cfg: DictConfig) -> dict[str, Any] | list[dict[str, Any]]:
+    if cfg.method.name == "quickstart":
+        from tnexp.quickstart import run_quickstart
+
+        return run_quickstart(cfg)
+    return run_stage(cfg)
+
+
+# ------------------------------------------------------------------ building blocks
+def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    data_cfg.pop("info", None)  # description of the data set, not a constructor argument
+    return instantiate(data_cfg)
+
+
+def build_task(cfg: DictConfig) -> ClassificationTask:
+    return ClassificationTask(cfg.data.info.num_classes)
+
+
+def build_model(cfg: DictConfig) -> torch.nn.Module:
+    return instantiate(cfg.model)
+
+
+def resolve_teacher_path(path: str | None) -> Path:
+    if not path:
+        raise ValueError(
+            "this method needs a pretrained teacher: set teacher.path to the teacher.safetensors "
+            "written by `tnexp method=pretrain` (or to that run's output directory)."
+        )
+    p = Path(path)
+    if p.is_dir():
+        p = p / TEACHER_FILE
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"teacher checkpoint {p} does not exist; run `tnexp method=pretrain` first and "
+            "point teacher.path at its output."
+        )
+    return p
+
+
+def load_teacher(cfg: DictConfig) -> torch.nn.Module:
+    """Build the dense architecture and load the pretrained weights (safetensors only)."""
+    from safetensors.torch import load_file
+
+    path = resolve_teacher_path(cfg.teacher.path)
+    model = build_model(cfg)
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types on corrupt files
+        raise ValueError(f"cannot read teacher checkpoint {path}: {err}") from None
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        details = "; ".join(
+            part
+            for part in (
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}" if missing else "",
+                f"unexpected {unexpected[:5]}" if unexpected else "",
+                f"shape mismatch {mismatched[:3]}" if mismatched else "",
+            )
+            if part
+        )
+        raise ValueError(
+            f"teacher checkpoint {path} does not match model {cfg.model._target_} "
+            f"({details}). Use the same model and data settings as the pretrain run."
+        )
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def tensorize_spec(cfg: DictConfig) -> TensorizeSpec:
+    t = OmegaConf.to_container(cfg.tensorize, resolve=True)
+    keys = ("rules", "exclude", "overall_cr", "contraction")
+    return TensorizeSpec.from_config({k: t[k] for k in keys if k in t})
+
+
+def build_module(
+    cfg: DictConfig, teacher: torch.nn.Module | None, student: torch.nn.Module, task: Any
+) -> TensorizationModule:
+    method = cfg.method
+    if method.name in ("pretrain", "global"):
+        return GlobalFinetune(student, task, global_=GlobalConfig(**_plain(method["global"])))
+    plan = make_slice_plan(student, _plain(method.slicing))
+    if method.slices is not None:
+        plan = plan.select(list(method.slices))
+    local = LocalConfig(**_plain(method.local))
+    if method.features == "cached" and local.input_source == "student":
+        raise ValueError(
+            "local.input_source=student needs the student's live outputs; use features=online."
+        )
+    if method.name == "local":
+        return LocalDistillation(student, task, teacher=teacher, plan=plan, local=local)
+    if method.name == "hybrid":
+        return Hybrid(
+            student,
+            task,
+            teacher=teacher,
+            plan=plan,
+            local_epochs=int(method.local_epochs),
+            local=local,
+            global_=GlobalConfig(**_plain(method["global"])),
+        )
+    raise ValueError(f"unknown method {method.name!r}; choose one of {METHODS} or quickstart.")
+
+
+def _plain(node: Any) -> Any:
+    return (
+        OmegaConf.to_container(node, resolve=True)
+        if isinstance(node, DictConfig)
+        else (
+            list(node) if hasattr(node, "__iter__") and not isinstance(node, str | dict) else node
+        )
+    )
+
+
+def build_feature_cache(cfg: DictConfig, module: TensorizationModule, datamodule, out: Path):
+    """Capture (or reuse) the teacher features on disk for a cached local phase."""
+    from tnexp.features import open_feature_cache, teacher_fingerprint, write_feature_cache
+
+    method = cfg.method
+    fingerprint = teacher_fingerprint(module.teacher)
+    cache_dir = method.cache.dir or (
+        Path(cfg.paths.cache_dir)
+        / f"{fingerprint[:16]}-{_slug(method.slicing)}-{method.cache.dtype}"
+    )
+    datamodule.setup("fit")
+    full_plan = make_slice_plan(module.student, _plain(method.slicing))
+    write_feature_cache(
+        cache_dir,
+        module.teacher,
+        full_plan,
+        datamodule.train_dataloader(),
+        dtype=method.cache.dtype,
+        dataset_identity=datamodule.identity(),
+        shard_size=int(method.cache.shard_size),
+    )
+    return open_feature_cache(
+        cache_dir,
+        teacher_fingerprint=fingerprint,
+        dataset_identity=datamodule.identity(),
+        plan=module.plan,
+        dtype=method.cache.dtype,
+        verify_checksums=bool(method.cache.verify_checksums),
+    )
+
+
+def _slug(value: Any) -> str:
+    return "".join(c if c.isalnum() else "_" for c in str(value))[:40]
+
+
+def build_loggers(cfg: DictConfig, out: Path, run_name: str) -> list:
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    loggers: list = []
+    if cfg.logger.csv:
+        loggers.append(CSVLogger(save_dir=str(out), name="csv", version=""))
+    wb = cfg.logger.wandb
+    if wb.enabled and wb.mode != "disabled":
+        loggers.append(
+            WandbLogger(
+                project=wb.project,
+                entity=wb.entity,
+                group=wb.group,
+                job_type=wb.job_type,
+                name=wb.name or run_name,
+                tags=[str(t) for t in (wb.tags or [])] + [cfg.method.name],
+                save_dir=str(out),
+                offline=wb.mode == "offline",
+                config=OmegaConf.to_container(cfg, resolve=True),
+            )
+        )
+    return loggers
+
+
+def build_trainer(
+    cfg: DictConfig, out: Path, loggers: list, timer: OptimizationTimer, task: Any, reload: bool
+) -> L.Trainer:
+    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+
+    cb = cfg.callbacks
+    callbacks: list = [
+        timer,
+        ModelCheckpoint(
+            dirpath=str(out / "checkpoints"),
+            filename="best",
+            monitor=task.monitor,
+            mode=task.mode,
+            save_last=bool(cb.checkpoint.save_last),
+            save_top_k=int(cb.checkpoint.save_top_k),
+        ),
+    ]
+    if cb.progress_bar == "rich":
+        callbacks.append(RichProgressBar(leave=False))
+    elif cb.progress_bar == "tqdm":
+        callbacks.append(TQDMProgressBar())
+    kwargs = {
+        k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None
+    }
+    return L.Trainer(
+        **kwargs,
+        logger=loggers or False,
+        callbacks=callbacks,
+        enable_progress_bar=cb.progress_bar != "none",
+        default_root_dir=str(out),
+        reload_dataloaders_every_n_epochs=1 if reload else 0,
+    )
+
+
+def resolve_resume(cfg: DictConfig, out: Path) -> str | None:
+    if cfg.resume in (None, False):
+        return None
+    if cfg.resume == "auto":
+        last = out / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            log.info("resuming from %s", last)
+            return str(last)
+        log.info("resume=auto: no checkpoint in %s, starting fresh", last.parent)
+        return None
+    path = Path(cfg.resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"resume checkpoint {path} does not exist.")
+    return str(path)
+
+
+# ------------------------------------------------------------------ one stage
+def run_stage(cfg: DictConfig) -> dict[str, Any]:
+    """Run one method (pretrain, local, global or hybrid) and write results.json."""
+    method = cfg.method.name
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS} or quickstart.")
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    torch.set_float32_matmul_precision("high")
+
+    datamodule = build_datamodule(cfg)
+    task = build_task(cfg)
+    report = None
+    teacher = None
+    if method == "pretrain":
+        student = build_model(cfg)
+    else:
+        teacher = load_teacher(cfg)
+        student, report = tensorize(teacher, tensorize_spec(cfg), progress=True)
+        log.info("tensorized %d layers, model CR %.3f", len(report.layers), report.model_cr)
+    module = build_module(cfg, teacher, student, task)
+
+    feature_cache = None
+    if method in ("local", "hybrid") and cfg.method.features == "cached":
+        feature_cache = build_feature_cache(cfg, module, datamodule, out)
+    elif method in ("local", "hybrid") and cfg.method.features != "online":
+        raise ValueError(
+            f"method.features must be 'online' or 'cached', got {cfg.method.features!r}"
+        )
+    phased = PhasedDataModule(datamodule, feature_cache)
+
+    run_name = _run_name(cfg, report)
+    loggers = build_loggers(cfg, out, run_name)
+    timer = OptimizationTimer(monitor=task.monitor, mode=task.mode)
+    trainer = build_trainer(cfg, out, loggers, timer, task, reload=method == "hybrid")
+    started = time.time()
+    trainer.fit(module, datamodule=phased, ckpt_path=resolve_resume(cfg, out))
+    results = write_results(cfg, out, trainer, timer, module, report, time.time() - started)
+    _finish_loggers(loggers, results)
+    return results
+
+
+def _run_name(cfg: DictConfig, report: Any) -> str:
+    if report is None:
+        return cfg.method.name
+    return f"{cfg.method.name}-cr{cfg.tensorize.get('cr', report.model_cr)}"
+
+
+def write_results(
+    cfg: DictConfig,
+    out: Path,
+    trainer: L.Trainer,
+    timer: OptimizationTimer,
+    module: TensorizationModule,
+    report: Any,
+    wall_s: float,
+) -> dict[str, Any]:
+    from safetensors.torch import save_model
+
+    final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    if cfg.method.name == "pretrain":
+        save_model(module.student, str(out / TEACHER_FILE))
+        weights = {"teacher": str(out / TEACHER_FILE)}
+    else:
+        base_config = OmegaConf.to_container(cfg.model, resolve=True)
+        save_tensorized(module.student, report, out / "student", base_config=base_config)
+        weights = {"student": str(out / "student")}
+    best_ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    results = {
+        "method": cfg.method.name,
+        "experiment": cfg.experiment_name,
+        "task": {"monitor": timer.monitor, "mode": timer.mode},
+        "metrics": {
+            "final": final,
+            "best": {timer.monitor: timer.best_value},
+        },
+        "time": {**timer.summary(), "run_wall_s": wall_s},
+        "params": {
+            "student": count_parameters(module.student),
+            "teacher": count_parameters(module.teacher) if module.teacher is not None else None,
+        },
+        "tensorize": report.to_dict() if report is not None else None,
+        "weights": {**weights, "best_checkpoint": best_ckpt or None},
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    log.info("results written to %s", out / "results.json")
+    return results
+
+
+def summary_metrics(results: dict[str, Any]) -> dict[str, Any]:
+    """The flat metrics that W&B's run summary shares with results.json."""
+    flat: dict[str, Any] = {}
+    for kind in ("final", "best"):
+        for key, value in results["metrics"][kind].items():
+            flat[f"{kind}/{key}"] = value
+    for key in ("optimization_s", "wall_s", "time_to_best_s", "best_value"):
+        if key in results["time"]:
+            flat[f"time/{key}"] = results["time"][key]
+    if results.get("tensorize"):
+        flat["params/model_cr"] = results["tensorize"]["totals"]["model_cr"]
+    flat["params/student"] = results["params"]["student"]
+    return flat
+
+
+def _finish_loggers(loggers: list, results: dict[str, Any]) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.summary.update(summary_metrics(results))
+            logger.experiment.finish()
+
+
+def with_overrides(cfg: DictConfig, **values: Any) -> DictConfig:
+    """A copy of ``cfg`` with dotted keys set (used by the quickstart pipeline)."""
+    new = cfg.copy()
+    with open_dict(new):
+        for key, value in values.items():
+            OmegaConf.update(new, key, value, merge=False)
+    return new
