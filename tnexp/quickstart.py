@@ -33,8 +33,13 @@ def _user_overrides() -> list[str]:
     return [o for o in overrides if not o.lstrip("+~").startswith(skip)]
 
 
-def _stage(overrides: list[str]) -> DictConfig:
-    return compose(config_name="train", overrides=[*_user_overrides(), *overrides])
+def _stage(q: DictConfig, method: str, overrides: list[str]) -> DictConfig:
+    # Order matters: demo defaults, then the user's command line, then what this stage is.
+    defaults = [*q.stage_overrides, *q.method_overrides.get(method, [])]
+    return compose(
+        config_name="train",
+        overrides=[f"method={method}", *defaults, *_user_overrides(), *overrides],
+    )
 
 
 def run_quickstart(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -44,12 +49,13 @@ def run_quickstart(cfg: DictConfig) -> list[dict[str, Any]]:
     teacher_dir = out / "teacher"
     teacher = run_stage(
         _stage(
+            q,
+            "pretrain",
             [
-                "method=pretrain",
                 f"trainer.max_epochs={q.teacher_epochs}",
                 f"paths.output_dir={teacher_dir}",
                 f"experiment_name={cfg.experiment_name}",
-            ]
+            ],
         )
     )
     runs: list[dict[str, Any]] = []
@@ -57,7 +63,6 @@ def run_quickstart(cfg: DictConfig) -> list[dict[str, Any]]:
         for method in q.methods:
             log.info("quickstart: %s at CR %s", method, cr)
             overrides = [
-                f"method={method}",
                 f"tensorize.cr={cr}",
                 f"teacher.path={teacher_dir / TEACHER_FILE}",
                 f"trainer.max_epochs={q.epochs}",
@@ -66,7 +71,7 @@ def run_quickstart(cfg: DictConfig) -> list[dict[str, Any]]:
             ]
             if method == "hybrid":
                 overrides.append(f"method.local_epochs={q.hybrid_local_epochs}")
-            runs.append(run_stage(_stage(overrides)))
+            runs.append(run_stage(_stage(q, method, overrides)))
     rows = summary_rows(teacher, runs)
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
     (out / "summary.md").write_text(markdown_table(rows))

@@ -31,7 +31,7 @@ from tnexp.modules import (
     TensorizationModule,
 )
 from tnexp.slicing import make_slice_plan
-from tnexp.tasks import ClassificationTask
+from tnexp.tasks import CausalLMTask, ClassificationTask
 
 log = logging.getLogger("tnexp")
 METHODS = ("pretrain", "local", "global", "hybrid")
@@ -53,8 +53,13 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     return instantiate(data_cfg)
 
 
-def build_task(cfg: DictConfig) -> ClassificationTask:
-    return ClassificationTask(cfg.data.info.num_classes)
+def build_task(cfg: DictConfig) -> ClassificationTask | CausalLMTask:
+    kind = cfg.data.info.get("task", "classification")
+    if kind == "classification":
+        return ClassificationTask(cfg.data.info.num_classes)
+    if kind == "causal_lm":
+        return CausalLMTask()
+    raise ValueError(f"data.info.task must be 'classification' or 'causal_lm', got {kind!r}.")
 
 
 def build_model(cfg: DictConfig) -> torch.nn.Module:
@@ -305,7 +310,8 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     timer = OptimizationTimer(monitor=task.monitor, mode=task.mode)
     trainer = build_trainer(cfg, out, loggers, timer, task, reload=method == "hybrid")
     started = time.time()
-    trainer.fit(module, datamodule=phased, ckpt_path=resolve_resume(cfg, out))
+    # weights_only: checkpoints hold tensors and plain values only, so load them safely.
+    trainer.fit(module, datamodule=phased, ckpt_path=resolve_resume(cfg, out), weights_only=True)
     results = write_results(cfg, out, trainer, timer, module, report, time.time() - started)
     _finish_loggers(loggers, results)
     return results

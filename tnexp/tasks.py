@@ -64,3 +64,58 @@ class ClassificationTask:
             if key in out:
                 out[key] *= 100.0
         return out
+
+
+class CausalLMTask:
+    """Next-token prediction: token-averaged cross-entropy and perplexity.
+
+    Batches are dicts with ``input_ids`` (and optionally ``attention_mask`` / ``labels``)
+    or a plain ``(B, T)`` tensor of token ids. Padding (``labels == -100`` or a zero
+    attention mask) is excluded from loss and perplexity.
+    """
+
+    monitor = "val/ppl"
+    mode = "min"
+
+    def model_inputs(self, batch: Any) -> dict[str, torch.Tensor]:
+        if isinstance(batch, torch.Tensor):
+            return {"input_ids": batch}
+        inputs = {"input_ids": batch["input_ids"]}
+        if batch.get("attention_mask") is not None:
+            inputs["attention_mask"] = batch["attention_mask"]
+        return inputs
+
+    def labels(self, batch: Any) -> torch.Tensor:
+        if isinstance(batch, torch.Tensor):
+            return batch
+        labels = batch.get("labels")
+        if labels is None:
+            labels = batch["input_ids"].clone()
+            if batch.get("attention_mask") is not None:
+                labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
+        return labels
+
+    def forward(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return model(**self.model_inputs(batch)).logits
+
+    def _shifted(self, logits: torch.Tensor, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = self.labels(batch)[:, 1:]
+        return logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1)
+
+    def loss(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        logits, labels = self._shifted(outputs, batch)
+        return F.cross_entropy(logits.float(), labels, ignore_index=-100)
+
+    def make_metrics(self) -> MetricCollection:
+        return MetricCollection({"loss": MeanMetric()})
+
+    def update_metrics(
+        self, metrics: MetricCollection, outputs: torch.Tensor, batch: Any, loss: torch.Tensor
+    ) -> None:
+        tokens = int((self.labels(batch)[:, 1:] != -100).sum())
+        metrics["loss"].update(loss.detach(), weight=max(tokens, 1))
+
+    @staticmethod
+    def finalize(values: dict[str, torch.Tensor]) -> dict[str, float]:
+        loss = float(values["loss"])
+        return {"loss": loss, "ppl": float(torch.exp(torch.tensor(loss)))}
