@@ -39,6 +39,7 @@ def test_classification_metrics_in_percent():
     task = ClassificationTask(10)
     metrics = task.make_metrics()
     logits = torch.eye(10)[:4] * 5
+    logits[3, 0] = 1.0  # wrong top-1, right within the top 5
     targets = torch.tensor([0, 1, 2, 0])
     loss = task.loss(logits, (None, targets))
     task.update_metrics(metrics, logits, (None, targets), loss)
