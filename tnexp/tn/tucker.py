@@ -35,7 +35,7 @@ def tucker2_decompose(
     kernel: torch.Tensor,
     ranks: Sequence[int],
     *,
-    method: Literal["hosvd", "hooi"] = "hooi",
+    method: Literal["hosvd", "hooi"] = "hosvd",
     n_iter: int = 10,
     tol: float = 1e-8,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -117,13 +117,13 @@ class TuckerConv2d(nn.Module):
         cr: float | None = None,
         ranks: Sequence[int] | None = None,
         init: Literal["svd", "random"] = "svd",
-        method: Literal["hosvd", "hooi"] = "hooi",
+        method: Literal["hosvd", "hooi"] = "hosvd",
         name: str = "conv",
     ) -> TuckerConv2d:
         """Tucker-2 replacement of ``conv`` at a CR or explicit ranks ``(r_out, r_in)``.
 
-        ``init="svd"`` decomposes the pretrained kernel (HOOI by default, HOSVD on
-        request); ``init="random"`` (the paper's CIFAR choice) draws orthonormal factors
+        ``init="svd"`` decomposes the pretrained kernel (HOSVD, paper eq. 13-15; HOOI with
+        ``method="hooi"``); ``init="random"`` (the paper's CIFAR choice) draws orthonormal factors
         and a Gaussian core scaled so the reconstructed kernel keeps the dense variance.
         """
         if not isinstance(conv, nn.Conv2d):
