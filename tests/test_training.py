@@ -239,6 +239,10 @@ def test_cached_local_stage_runs(teacher_dir, tmp_path):
 
 
 # ---------------------------------------------------------------- configs
+# Pretrained hub/GGUF checkpoints (downloaded or dequantized when instantiated).
+HF_CHECKPOINT_MODELS = {"gpt2", "gpt2_xl", "smollm2_135m"}
+
+
 def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
 
@@ -263,8 +267,15 @@ def test_every_config_composes_and_instantiates(group, tmp_path):
     for option in _options(group):
         override = f"{group}={option}"
         cfg = make_cfg(tmp_path, override, fast=False)
+        # Text data interpolates the model's tokenizer and vice versa: pair LM with LM.
+        if group == "data" and cfg.data.info.get("task") == "causal_lm":
+            cfg = make_cfg(tmp_path, override, "model=tiny_gpt2", fast=False)
+        if group == "model" and "tokenizer" in cfg.model:
+            cfg = make_cfg(tmp_path, override, "data=stdlib_text", fast=False)
         OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
         assert build_datamodule(cfg) is not None
+        if group == "model" and option in HF_CHECKPOINT_MODELS:
+            continue  # weights load at instantiation: covered by tests/test_hf_models.py
         assert isinstance(build_model(cfg), torch.nn.Module)
         if cfg.tensorize.rules:
             tensorize_spec(cfg)
@@ -275,3 +286,37 @@ def test_unknown_method_is_hydras_error(tmp_path):
 
     with pytest.raises(ConfigCompositionException, match="method"):
         make_cfg(tmp_path, "method=distill")
+
+
+# ---------------------------------------------------------------- language models
+LM_FAST = [o for o in FAST if not o.startswith(("data.", "model."))]
+LM = [
+    "model=tiny_gpt2",
+    "data=stdlib_text",
+    "tensorize=mpo_gpt2_mlp",
+    "tensorize.overall_cr=null",
+    "+tensorize.rules.0.cr=0.5",
+    "data.seq_len=32",
+    "data.num_sequences=16",
+    "data.num_val_sequences=4",
+    "eval.perplexity.max_tokens=128",
+]
+
+
+def test_lm_pretrain_then_local_with_tied_weights(tmp_path):
+    run_stage(make_cfg(tmp_path / "t", "method=pretrain", *LM_FAST, *LM[:2], *LM[5:], fast=False))
+    results = run_stage(
+        make_cfg(
+            tmp_path / "s",
+            "method=local",
+            *LM_FAST,
+            *LM,
+            f"teacher.path={tmp_path / 't'}",
+            fast=False,
+        )
+    )
+    metrics = results["metrics"]
+    for stage in ("before", "final_eval", "teacher"):
+        assert metrics[stage]["token_ppl"] > 1.0 and metrics[stage]["ppl_tokens"] == 127
+    assert "val/ppl" in metrics["final"]
+    assert results["tensorize"]["layers"][0]["module_type"] == "Conv1D"

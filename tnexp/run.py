@@ -83,23 +83,33 @@ def resolve_teacher_path(path: str | None) -> Path:
     return p
 
 
+def is_language_model(cfg: DictConfig) -> bool:
+    return cfg.data.info.get("task", "classification") == "causal_lm"
+
+
 def load_teacher(cfg: DictConfig) -> torch.nn.Module:
-    """Build the dense architecture and load the pretrained weights (safetensors only)."""
-    from safetensors.torch import load_file
+    """The pretrained dense model: a pretrain run's safetensors, or an LM's own weights."""
+    if not cfg.teacher.path and is_language_model(cfg):
+        return build_model(cfg).eval()  # hub / GGUF weights are the teacher
+    from safetensors import safe_open
+    from safetensors.torch import load_model
 
     path = resolve_teacher_path(cfg.teacher.path)
     model = build_model(cfg)
     try:
-        state = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     except Exception as err:  # safetensors raises its own error types on corrupt files
         raise ValueError(f"cannot read teacher checkpoint {path}: {err}") from None
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    # Tied weights (GPT-2's lm_head / wte) are stored once; any one name of a tie counts.
+    tied = _tied_names(model)
+    missing = sorted(k for k in set(own) - set(shapes) if not (tied.get(k, set()) & set(shapes)))
+    unexpected = sorted(set(shapes) - set(own))
     mismatched = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        f"{k}: checkpoint {shapes[k]} vs model {own[k]}"
         for k in own
-        if k in state and state[k].shape != own[k].shape
+        if k in shapes and shapes[k] != own[k]
     ]
     if missing or unexpected or mismatched:
         details = "; ".join(
@@ -115,8 +125,15 @@ def load_teacher(cfg: DictConfig) -> torch.nn.Module:
             f"teacher checkpoint {path} does not match model {cfg.model._target_} "
             f"({details}). Use the same model and data settings as the pretrain run."
         )
-    model.load_state_dict(state)
+    load_model(model, str(path), strict=True)
     return model.eval()
+
+
+def _tied_names(model: torch.nn.Module) -> dict[str, set[str]]:
+    by_tensor: dict[int, set[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        by_tensor.setdefault(id(tensor), set()).add(name)
+    return {n: names - {n} for names in by_tensor.values() if len(names) > 1 for n in names}
 
 
 def tensorize_spec(cfg: DictConfig) -> TensorizeSpec:
@@ -309,10 +326,20 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     loggers = build_loggers(cfg, out, run_name)
     timer = OptimizationTimer(monitor=task.monitor, mode=task.mode)
     trainer = build_trainer(cfg, out, loggers, timer, task, reload=method == "hybrid")
+    before = evaluate_language_model(cfg, datamodule, student, "before_training")
     started = time.time()
     # weights_only: checkpoints hold tensors and plain values only, so load them safely.
     trainer.fit(module, datamodule=phased, ckpt_path=resolve_resume(cfg, out), weights_only=True)
-    results = write_results(cfg, out, trainer, timer, module, report, time.time() - started)
+    wall = time.time() - started
+    extra = {"before": before} if before else {}
+    after = evaluate_language_model(cfg, datamodule, module.student, "final")
+    if after:
+        extra["final_eval"] = after
+    if teacher is not None:
+        dense = evaluate_language_model(cfg, datamodule, teacher, "teacher")
+        if dense:
+            extra["teacher"] = dense
+    results = write_results(cfg, out, trainer, timer, module, report, wall, extra)
     _finish_loggers(loggers, results)
     return results
 
@@ -331,6 +358,7 @@ def write_results(
     module: TensorizationModule,
     report: Any,
     wall_s: float,
+    extra_metrics: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     from safetensors.torch import save_model
 
@@ -350,6 +378,7 @@ def write_results(
         "metrics": {
             "final": final,
             "best": {timer.monitor: timer.best_value},
+            **(extra_metrics or {}),
         },
         "time": {**timer.summary(), "run_wall_s": wall_s},
         "params": {
@@ -379,6 +408,10 @@ def summary_metrics(results: dict[str, Any]) -> dict[str, Any]:
     if results.get("tensorize"):
         flat["params/model_cr"] = results["tensorize"]["totals"]["model_cr"]
     flat["params/student"] = results["params"]["student"]
+    for stage in ("before", "final_eval", "teacher"):
+        for key, value in (results["metrics"].get(stage) or {}).items():
+            if isinstance(value, int | float):
+                flat[f"{stage}/{key}"] = value
     return flat
 
 
@@ -398,3 +431,62 @@ def with_overrides(cfg: DictConfig, **values: Any) -> DictConfig:
         for key, value in values.items():
             OmegaConf.update(new, key, value, merge=False)
     return new
+
+
+def evaluate_language_model(
+    cfg: DictConfig, datamodule: Any, model: torch.nn.Module, when: str
+) -> dict[str, Any]:
+    """Token perplexity (sliding window) and, if enabled, lm-eval tasks, for LM stages.
+
+    ``when`` is ``before_training`` (the student as tensorized), ``final`` or ``teacher``.
+    lm-eval runs only on the final student (and the teacher), never before training.
+    """
+    if not is_language_model(cfg):
+        return {}
+    ev = cfg.eval
+    if when == "before_training" and not ev.perplexity.before_training:
+        return {}
+    if when == "teacher" and not ev.perplexity.teacher:
+        return {}
+    from tnexp.eval import evaluate_lm, sliding_window_perplexity
+
+    datamodule.setup("validate")
+    device = next(model.parameters()).device
+    if torch.cuda.is_available() and device.type == "cpu" and cfg.trainer.accelerator != "cpu":
+        device = torch.device("cuda")
+    results: dict[str, Any] = {}
+    if ev.perplexity.enabled:
+        tokens = datamodule.val_tokens
+        if ev.perplexity.max_tokens:
+            tokens = tokens[: int(ev.perplexity.max_tokens)]
+        max_length = int(ev.perplexity.max_length or cfg.data.seq_len)
+        stride = int(ev.perplexity.stride or max(1, max_length // 2))
+        was_training = model.training
+        model.eval()
+        ppl = sliding_window_perplexity(
+            model, tokens, max_length=max_length, stride=stride, device=device
+        )
+        model.train(was_training)
+        results["token_ppl"] = float(ppl["ppl"])
+        results["token_nll"] = float(ppl["nll"])
+        results["ppl_tokens"] = int(ppl["tokens"])
+        log.info("%s token perplexity: %.3f", when, results["token_ppl"])
+    if ev.lm_eval.enabled and when != "before_training":
+        try:
+            scores = evaluate_lm(
+                model,
+                datamodule.tokenizer,
+                tasks=list(ev.lm_eval.tasks),
+                limit=ev.lm_eval.limit,
+                batch_size=int(ev.lm_eval.batch_size),
+                num_fewshot=ev.lm_eval.num_fewshot,
+                include_path=ev.lm_eval.include_path,
+                device=str(device),
+            )
+        except Exception as err:  # lm-eval needs datasets that may not be reachable
+            raise RuntimeError(
+                f"lm-eval failed ({err}). Its tasks need the HF hub or a local datasets "
+                "cache; set eval.lm_eval.enabled=false or point HF_DATASETS_CACHE at one."
+            ) from err
+        results.update({f"lm_eval/{k}": v for k, v in scores.items()})
+    return results

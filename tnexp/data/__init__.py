@@ -4,6 +4,7 @@ from tnexp.data.cifar import CIFAR10DataModule, CIFAR100DataModule, CIFARDataMod
 from tnexp.data.digits import DigitsDataModule
 from tnexp.data.fashion_mnist import FashionMNISTDataModule
 from tnexp.data.subsets import balanced_subset_indices, stratified_split_indices
+from tnexp.data.text import TextDataModule
 
 __all__ = [
     "CIFAR10DataModule",
@@ -11,6 +12,7 @@ __all__ = [
     "CIFARDataModule",
     "DigitsDataModule",
     "FashionMNISTDataModule",
+    "TextDataModule",
     "balanced_subset_indices",
     "stratified_split_indices",
 ]
