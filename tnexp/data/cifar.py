@@ -18,10 +18,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
-import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
+from tnexp.data.base import SplitDataModule
 from tnexp.data.subsets import balanced_subset_indices
 
 __all__ = [
@@ -52,7 +51,7 @@ _ARCHIVES = {10: "cifar-10-python.tar.gz", 100: "cifar-100-python.tar.gz"}
 _URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
 
-class CIFARDataModule(L.LightningDataModule):
+class CIFARDataModule(SplitDataModule):
     """CIFAR-10 or CIFAR-100 (``variant``) with the paper's train / validation protocol.
 
     Batches are ``(x, y)``: ``x`` float32 (B, 3, 32, 32) normalised with the per-channel
@@ -223,34 +222,6 @@ class CIFARDataModule(L.LightningDataModule):
         else:
             self.train_indices = list(range(len(train_full)))
             self.train_set = train_full
-
-    # ------------------------------------------------------------------ loaders
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("call setup() before requesting dataloaders")
-        # Seeded generator: reproducible shuffles even without seed_everything().
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            generator=generator,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled, augmented training loader (over the subset when one is set)."""
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """The official test split, fixed order, no augmentation."""
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Same as the validation loader (the paper validates on the test split)."""
-        return self._loader(self.val_set, shuffle=False)
 
 
 class CIFAR10DataModule(CIFARDataModule):

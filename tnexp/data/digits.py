@@ -9,17 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
+from tnexp.data.base import SplitDataModule
 from tnexp.data.subsets import balanced_subset_indices, stratified_split_indices
 
 __all__ = ["DigitsDataModule"]
 
 
-class DigitsDataModule(L.LightningDataModule):
+class DigitsDataModule(SplitDataModule):
     """Stratified train/val split of ``sklearn.datasets.load_digits``.
 
     Images are upsampled bilinearly from 8x8 to ``image_size`` (so ResNets with three
@@ -119,30 +119,3 @@ class DigitsDataModule(L.LightningDataModule):
         x_val = ((x_val - self.mean) / self.std).contiguous()
         self.train_set = TensorDataset(x_train, labels[train_idx])
         self.val_set = TensorDataset(x_val, labels[val_idx])
-
-    def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("call setup() before requesting dataloaders")
-        # A seeded generator makes the shuffle order reproducible even without
-        # seed_everything(); each epoch still gets a new order as the generator advances.
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            generator=generator,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training loader."""
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation loader (fixed order)."""
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Same as the validation loader: digits has no separate test split."""
-        return self._loader(self.val_set, shuffle=False)

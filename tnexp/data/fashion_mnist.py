@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from tnexp.data.base import SplitDataModule
 from tnexp.data.subsets import balanced_subset_indices
 
 __all__ = [
@@ -218,7 +218,7 @@ class _FashionDataset(Dataset):
         return self.transform(x), self.targets[index]
 
 
-class FashionMNISTDataModule(L.LightningDataModule):
+class FashionMNISTDataModule(SplitDataModule):
     """Fashion-MNIST (10 classes, 1 channel); the official 10k test split validates.
 
     Batches are ``(x, y)``: ``x`` float32 (B, 1, S, S) with ``S = image_size``, ``y`` int64.
@@ -402,31 +402,3 @@ class FashionMNISTDataModule(L.LightningDataModule):
             self.train_indices = list(range(len(y_train)))
         self.train_set = _FashionDataset(x_train, y_train, self.train_transform())
         self.val_set = _FashionDataset(*splits["test"], self.eval_transform())
-
-    # ------------------------------------------------------------------ loaders
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("call setup() before requesting dataloaders")
-        # Seeded generator: reproducible shuffles even without seed_everything().
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            generator=generator,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled, augmented training loader (over the subset when one is set)."""
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """The official t10k split, fixed order, no augmentation."""
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Same as the validation loader."""
-        return self._loader(self.val_set, shuffle=False)

@@ -27,10 +27,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from tnexp.data.base import SplitDataModule
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class TextBlocks(Dataset):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-class TextDataModule(L.LightningDataModule):
+class TextDataModule(SplitDataModule):
     """Packed causal-LM blocks from a text source (see the module docstring).
 
     Args:
@@ -392,28 +393,3 @@ class TextDataModule(L.LightningDataModule):
             len(self.val_set),
             self.seq_len,
         )
-
-    def _loader(self, dataset: TextBlocks | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("call setup() before requesting dataloaders")
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            generator=generator,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training blocks."""
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation blocks (fixed order)."""
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Same as the validation loader (the tail of the stream)."""
-        return self._loader(self.val_set, shuffle=False)
