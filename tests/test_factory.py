@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 import torchvision
+from tiny_lm import small_gpt2, small_llama
 from torch import nn
 
 from tnexp.factory import (
@@ -16,29 +17,6 @@ from tnexp.factory import (
     tensorized_modules,
 )
 from tnexp.tn import MPOLinear, TensorizationError, TuckerConv2d
-
-
-def tiny_gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = GPT2Config(n_embd=48, n_layer=2, n_head=4, n_positions=64, vocab_size=101)
-    return GPT2LMHeadModel(cfg).eval()
-
-
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        hidden_size=48,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=101,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
 
 RESNET_SPEC = {"rules": [{"pattern": "layer*.*.conv*", "cr": 0.5}], "exclude": ["layer1.0.conv1"]}
 
@@ -90,7 +68,7 @@ def test_resnet18_full_rank_reproduces_outputs():
 
 
 def test_gpt2_conv1d_mlp():
-    teacher = tiny_gpt2()
+    teacher = small_gpt2(n_embd=48, vocab_size=101)
     spec = {
         "rules": [
             {"pattern": "transformer.h.*.mlp.c_fc", "cr": 0.5},
@@ -115,7 +93,7 @@ def test_gpt2_conv1d_mlp():
 
 
 def test_llama_mlp_and_overall_cr():
-    teacher = tiny_llama()
+    teacher = small_llama(48, 128, 101)
     spec = {"rules": [{"pattern": "model.layers.*.mlp.*_proj"}], "overall_cr": 0.3}
     student, report = tensorize(teacher, spec)
     assert len(report.layers) == 6
@@ -133,14 +111,14 @@ def test_llama_mlp_and_overall_cr():
 
 
 def test_overall_cr_unreachable():
-    teacher = tiny_gpt2()
+    teacher = small_gpt2(n_embd=48, vocab_size=101)
     spec = {"rules": [{"pattern": "transformer.h.0.mlp.c_fc"}], "overall_cr": 0.9}
     with pytest.raises(TensorizationError, match="out of reach"):
         tensorize(teacher, spec)
 
 
 def test_save_load_round_trip(tmp_path):
-    teacher = tiny_gpt2()
+    teacher = small_gpt2(n_embd=48, vocab_size=101)
     student, report = tensorize(
         teacher, {"rules": [{"pattern": "transformer.h.*.mlp.c_*", "cr": 0.4, "init": "svd"}]}
     )
@@ -188,7 +166,7 @@ def test_load_into_wrong_architecture(tmp_path):
 
 
 def test_contraction_override_and_merge():
-    teacher = tiny_gpt2()
+    teacher = small_gpt2(n_embd=48, vocab_size=101)
     student, _ = tensorize(
         teacher,
         {

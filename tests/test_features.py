@@ -3,6 +3,7 @@ import os
 
 import pytest
 import torch
+from tiny_lm import small_gpt2, small_llama
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -70,24 +71,10 @@ def no_hooks(model):
 
 
 def tiny_lm(kind):
-    import transformers
-
     if kind == "gpt2":
-        cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=32, vocab_size=50)
-        model = transformers.GPT2LMHeadModel(cfg).eval()
-        pattern = "transformer.h.*.mlp.c_*"
+        model, pattern = small_gpt2(), "transformer.h.*.mlp.c_*"
     else:
-        cfg = transformers.LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=50,
-            max_position_embeddings=32,
-        )
-        model = transformers.LlamaForCausalLM(cfg).eval()
-        pattern = "model.layers.*.mlp.*_proj"
+        model, pattern = small_llama(), "model.layers.*.mlp.*_proj"
     student, _ = tensorize(model, {"rules": [{"pattern": pattern, "cr": 0.5}]})
     return model, student
 

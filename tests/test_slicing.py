@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from tiny_lm import small_gpt2, small_llama
 
 from tnexp.factory import tensorize
 from tnexp.models.resnet import small_resnet
@@ -9,28 +10,6 @@ from tnexp.slicing import Slice, SlicePlan, SlicePlanError, make_slice_plan
 from tnexp.tn import MPOLinear, TuckerConv2d
 
 RESNET_SPEC = {"rules": [{"pattern": "layer*.*.conv*", "cr": 0.5}]}
-
-
-def tiny_gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=32, vocab_size=50)
-    return GPT2LMHeadModel(cfg).eval()
-
-
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=50,
-        max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(cfg).eval()
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +31,7 @@ def deep_resnet_student():
 def gpt2_student():
     torch.manual_seed(0)
     student, _ = tensorize(
-        tiny_gpt2(), {"rules": [{"pattern": "transformer.h.*.mlp.c_*", "cr": 0.5}]}
+        small_gpt2(), {"rules": [{"pattern": "transformer.h.*.mlp.c_*", "cr": 0.5}]}
     )
     return student
 
@@ -61,7 +40,7 @@ def gpt2_student():
 def llama_student():
     torch.manual_seed(0)
     student, _ = tensorize(
-        tiny_llama(), {"rules": [{"pattern": "model.layers.*.mlp.*_proj", "cr": 0.5}]}
+        small_llama(), {"rules": [{"pattern": "model.layers.*.mlp.*_proj", "cr": 0.5}]}
     )
     return student
 
@@ -114,7 +93,8 @@ def test_blocks_without_tensorized_layers_are_skipped():
     assert make_slice_plan(resnet, "group:2").names() == ["layer1.0+layer2.0"]
     assert make_slice_plan(resnet, "group:3").names() == ["layer1.0+layer2.0+layer3.0"]
 
-    gpt, _ = tensorize(tiny_gpt2(), {"rules": [{"pattern": "transformer.h.1.mlp.c_fc", "cr": 0.5}]})
+    spec = {"rules": [{"pattern": "transformer.h.1.mlp.c_fc", "cr": 0.5}]}
+    gpt, _ = tensorize(small_gpt2(), spec)
     assert make_slice_plan(gpt, "decoder").names() == ["transformer.h.1"]
     assert make_slice_plan(gpt, "block").names() == ["transformer.h.1.mlp"]
 

@@ -57,3 +57,29 @@ def save_tiny_lm(directory: Path) -> Path:
     tokenizer.save_pretrained(directory)
     model.save_pretrained(directory)
     return directory
+
+
+def small_gpt2(n_embd: int = 32, vocab_size: int = 50, n_layer: int = 2):
+    """A randomly initialised GPT-2 (Conv1D MLPs) in eval mode, for factory/slicing tests."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        n_embd=n_embd, n_layer=n_layer, n_head=4, n_positions=64, vocab_size=vocab_size
+    )
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def small_llama(hidden_size: int = 32, intermediate_size: int = 64, vocab_size: int = 50):
+    """A randomly initialised Llama (gate/up/down MLPs) in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg).eval()
