@@ -304,6 +304,7 @@ def run_capture(model: str, args: argparse.Namespace) -> dict[str, Any]:
     _reset_peak_rss()
     if device:
         torch.cuda.reset_peak_memory_stats()
+    before = _cpu_snapshot()
     start = time.perf_counter()
     manifest = write_feature_cache(
         directory,
@@ -319,6 +320,7 @@ def run_capture(model: str, args: argparse.Namespace) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     out = {
         "capture_s": seconds,
+        "foreign_load": _foreign_load(before, _cpu_snapshot()),
         "num_samples": manifest.num_samples,
         "shards": len(manifest.shards),
         "bytes": sum(s.bytes for s in manifest.shards),
@@ -502,6 +504,23 @@ def _child(config: str, args: argparse.Namespace, result: Path) -> dict[str, Any
     return data
 
 
+def _measured(config: str, args: argparse.Namespace, result: Path) -> dict[str, Any]:
+    """Run ``config``; re-run it (``--retries``) if other processes used the CPU meanwhile."""
+    for attempt in range(args.retries + 1):
+        data = _child(config, args, result)
+        load = data["foreign_load"]
+        data["attempt"] = attempt
+        data["polluted"] = load is not None and load > args.pollution_threshold
+        if not data["polluted"] or attempt == args.retries:
+            return data
+        print(
+            f"[{config}] other processes used {load:.2f} cores during the measurement; "
+            "measuring again",
+            flush=True,
+        )
+    raise AssertionError("unreachable")
+
+
 def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -576,7 +595,8 @@ def report(results: dict[str, Any]) -> list[str]:
             f"one-time capture ({cap['dtype']}): {cap['capture_s']:.2f} s for "
             f"{cap['num_samples']} samples, {cap['bytes'] / 2**20:.1f} MiB on disk in "
             f"{cap['shards']} shard(s), peak RSS delta "
-            f"{cap['peak_rss_delta_bytes'] / 2**20:.0f} MiB"
+            f"{cap['peak_rss_delta_bytes'] / 2**20:.0f} MiB, foreign load "
+            f"{cap['foreign_load']:.2f}{'!' if cap['polluted'] else ''}"
         )
         for mode, limit in TARGETS.items():
             v = res["verdicts"][mode]
@@ -627,26 +647,15 @@ def driver(args: argparse.Namespace) -> int:
             args.cache_dir = str(Path(tmp) / "cache")
         for model in models:
             print(f"[{model}] capturing the feature cache ...", flush=True)
-            capture = _child(f"{model}:capture", args, Path(tmp) / f"{model}-capture.json")
+            capture = _measured(f"{model}:capture", args, Path(tmp) / f"{model}-capture.json")
             print(f"[{model}]   capture {capture['capture_s']:.2f} s", flush=True)
             runs: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
             for r in range(args.rounds):
                 order = MODES[r % len(MODES) :] + MODES[: r % len(MODES)]
                 for mode in order:
-                    for attempt in range(args.retries + 1):
-                        data = _child(
-                            f"{model}:{mode}", args, Path(tmp) / f"{model}-{mode}-{r}.json"
-                        )
-                        load = data["foreign_load"]
-                        data["attempt"] = attempt
-                        data["polluted"] = load is not None and load > args.pollution_threshold
-                        if not data["polluted"] or attempt == args.retries:
-                            break
-                        print(
-                            f"[{model}] round {r} {mode}: other processes used {load:.2f} cores "
-                            "during the fit; measuring again",
-                            flush=True,
-                        )
+                    data = _measured(
+                        f"{model}:{mode}", args, Path(tmp) / f"{model}-{mode}-{r}.json"
+                    )
                     runs[mode].append(data)
                     walls = ", ".join(f"{e['wall_s']:.2f}" for e in data["epochs"])
                     print(
