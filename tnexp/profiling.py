@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from tnexp.factory import TensorizeSpec, plan_layers, tensorize
@@ -352,59 +353,64 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> list[LayerSensitivity]:
-    """Entry point of ``python -m tnexp.profiling``; returns the profile."""
-    args = _parser().parse_args(argv)
-    from hydra import compose, initialize_config_dir
+def run_profile(cfg: Any) -> dict[str, Any]:
+    """The ``method=profile`` stage: profile the teacher's layers, write the results.
+
+    Writes ``profile.csv``, ``profile.json`` (read by the ``tnexp.sensitive_layers``
+    config resolver), ``profile.png``, a ``tensorize_<name>.yaml`` snippet and
+    ``results.json`` into ``paths.output_dir``, and prints the ranking.
+    """
     from rich.console import Console
     from rich.table import Table
 
-    from tnexp.cli import CONFIG_DIR
     from tnexp.run import build_datamodule, load_teacher
 
-    out = Path(args.out)
+    m = cfg.method
+    out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    overrides = [
-        f"model={args.model}",
-        f"data={args.data}",
-        f"teacher.path={Path(args.teacher).resolve()}",
-        f"paths.output_dir={out.resolve()}",
-        *args.overrides,
-    ]
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
     torch.manual_seed(int(cfg.seed))
     datamodule = build_datamodule(cfg)
     teacher = load_teacher(cfg)
+    device = m.get("device") or ("cuda" if torch.cuda.is_available() else None)
     results = profile_layers(
         teacher,
         datamodule,
-        pattern=args.pattern,
-        cr=args.cr,
-        init=args.init,
-        method=args.method,
-        max_batches=args.max_batches,
-        device=args.device,
-        progress=not args.no_progress,
+        pattern=str(m.pattern),
+        cr=float(m.cr),
+        init=str(m.init),
+        method=str(m.decomposition),
+        max_batches=m.max_batches,
+        device=device,
+        progress=bool(m.get("progress", True)),
     )
-    k = min(args.k, len(results))
+    k = min(int(m.k), len(results))
     write_profile_csv(results, out / "profile.csv")
     write_profile_json(results, out / "profile.json")
+    model_name = str(cfg.model._target_).rsplit(".", 1)[-1]
+    data_name = cfg.data.info.get("name", "data")
     plot_profile(
         results,
         out / "profile.png",
         k=k,
-        title=f"{args.model} on {args.data}, one layer at CR {args.cr}",
+        title=f"{model_name} on {data_name}, one layer at CR {m.cr}",
     )
-    snippet = write_exclusion_yaml(results, k, out / f"tensorize_{args.name}.yaml")
+    snippet = write_exclusion_yaml(results, k, out / f"tensorize_{m.snippet_name}.yaml")
+    summary = {
+        "method": "profile",
+        "experiment": cfg.experiment_name,
+        "metrics": {"dense": {"val/top1": results[0].dense_accuracy if results else None}},
+        "excluded": most_sensitive(results, k),
+        "profile": [r.to_dict() for r in results],
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
 
     console = Console()
     table = Table(title=f"dense score {results[0].dense_accuracy:.2f}" if results else None)
     for col in ("rank", "layer", "score", "drop", "CR"):
         table.add_column(col, justify="left" if col == "layer" else "right")
-    ranked = most_sensitive(results, len(results))
     by_name = {r.name: r for r in results}
-    for i, name in enumerate(ranked, 1):
+    for i, name in enumerate(most_sensitive(results, len(results)), 1):
         r = by_name[name]
         style = "bold red" if i <= k else None
         table.add_row(
@@ -413,11 +419,41 @@ def main(argv: Sequence[str] | None = None) -> list[LayerSensitivity]:
     console.print(table)
     console.print(
         f"exclusion spec: {exclusion_spec(results, k)}\n"
-        f"wrote {out / 'profile.csv'}, {out / 'profile.png'}, {snippet}\n"
-        f"use it: cp {snippet} configs/tensorize/{args.name}.yaml && "
-        f"uv run tnexp ... tensorize={args.name}"
+        f"wrote {out / 'profile.csv'}, {out / 'profile.png'}, {snippet}; later stages read "
+        f"it with tensorize.exclude='${{tnexp.sensitive_layers:{out},{k}}}'"
     )
-    return results
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> list[LayerSensitivity]:
+    """Entry point of ``python -m tnexp.profiling``; returns the profile."""
+    args = _parser().parse_args(argv)
+    from hydra import compose, initialize_config_dir
+
+    from tnexp.cli import CONFIG_DIR
+
+    out = Path(args.out)
+    overrides = [
+        "method=profile",
+        f"model={args.model}",
+        f"data={args.data}",
+        f"teacher.path={Path(args.teacher).resolve()}",
+        f"paths.output_dir={out.resolve()}",
+        f"method.pattern={args.pattern}",
+        f"method.cr={args.cr}",
+        f"method.init={args.init}",
+        f"method.decomposition={args.method}",
+        f"method.k={args.k}",
+        f"method.max_batches={'null' if args.max_batches is None else args.max_batches}",
+        f"method.device={args.device or 'null'}",
+        f"method.snippet_name={args.name}",
+        f"method.progress={not args.no_progress}",
+        *args.overrides,
+    ]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    summary = run_profile(cfg)
+    return [LayerSensitivity(**entry) for entry in summary["profile"]]
 
 
 if __name__ == "__main__":

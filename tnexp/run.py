@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tnexp.callbacks import OptimizationTimer
+from tnexp.config import apply_smoke
 from tnexp.data.phased import PhasedDataModule
 from tnexp.factory import TensorizeSpec, count_parameters, save_tensorized, tensorize
 from tnexp.modules import (
@@ -39,10 +40,15 @@ TEACHER_FILE = "teacher.safetensors"
 
 
 def run(cfg: DictConfig) -> dict[str, Any] | list[dict[str, Any]]:
+    apply_smoke(cfg)
     if cfg.method.name == "quickstart":
         from tnexp.quickstart import run_quickstart
 
         return run_quickstart(cfg)
+    if cfg.method.name == "profile":
+        from tnexp.profiling import run_profile
+
+        return run_profile(cfg)
     return run_stage(cfg)
 
 
@@ -293,6 +299,7 @@ def resolve_resume(cfg: DictConfig, out: Path) -> str | None:
 # ------------------------------------------------------------------ one stage
 def run_stage(cfg: DictConfig) -> dict[str, Any]:
     """Run one method (pretrain, local, global or hybrid) and write results.json."""
+    apply_smoke(cfg)
     method = cfg.method.name
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS} or quickstart.")
@@ -345,6 +352,8 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _run_name(cfg: DictConfig, report: Any) -> str:
+    if cfg.get("run_name"):
+        return str(cfg.run_name)
     if report is None:
         return cfg.method.name
     return f"{cfg.method.name}-cr{cfg.tensorize.get('cr', report.model_cr)}"
@@ -387,6 +396,7 @@ def write_results(
         },
         "tensorize": report.to_dict() if report is not None else None,
         "weights": {**weights, "best_checkpoint": best_ckpt or None},
+        "data": data_summary(cfg, trainer),
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -394,6 +404,18 @@ def write_results(
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     log.info("results written to %s", out / "results.json")
     return results
+
+
+def data_summary(cfg: DictConfig, trainer: L.Trainer) -> dict[str, Any]:
+    """Data set name and number of training samples (the paper's 50k / 30k / 10k rows)."""
+    datamodule = getattr(trainer, "datamodule", None)
+    base = getattr(datamodule, "base", datamodule)
+    train_set = getattr(base, "train_set", None)
+    try:
+        samples = len(train_set) if train_set is not None else None
+    except TypeError:  # iterable data sets have no length
+        samples = None
+    return {"name": cfg.data.info.get("name"), "train_samples": samples}
 
 
 def summary_metrics(results: dict[str, Any]) -> dict[str, Any]:

@@ -135,6 +135,10 @@ class OptimizationTimer(L.Callback):
             "optimization_s": self.optimization_s,
             "wall_s": self.wall_s,
             "value": value,
+            # every validation metric, so tables can report e.g. top-5 at the best top-1
+            "metrics": {
+                k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")
+            },
         }
         self.history.append(entry)
         if value is not None and self._is_better(value):

@@ -96,14 +96,20 @@ class CifarResNet(ResNet):
                 m.inplace = False
 
 
-def cifar_resnet18(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    """ResNet-18 (BasicBlock, [2, 2, 2, 2]) with a 3x3 stride-1 stem and no max-pool."""
-    return CifarResNet([2, 2, 2, 2], num_classes=num_classes, in_channels=in_channels)
+def cifar_resnet18(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> CifarResNet:
+    """ResNet-18 (BasicBlock, [2, 2, 2, 2]) with a 3x3 stride-1 stem and no max-pool.
+
+    ``width`` scales the stage widths ``width * (1, 2, 4, 8)``; 64 is the standard network.
+    """
+    return CifarResNet([2, 2, 2, 2], num_classes=num_classes, in_channels=in_channels, width=width)
 
 
-def cifar_resnet34(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    """ResNet-34 (BasicBlock, [3, 4, 6, 3]) with a 3x3 stride-1 stem and no max-pool."""
-    return CifarResNet([3, 4, 6, 3], num_classes=num_classes, in_channels=in_channels)
+def cifar_resnet34(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> CifarResNet:
+    """ResNet-34 (BasicBlock, [3, 4, 6, 3]) with a 3x3 stride-1 stem and no max-pool.
+
+    ``width`` scales the stage widths ``width * (1, 2, 4, 8)``; 64 is the standard network.
+    """
+    return CifarResNet([3, 4, 6, 3], num_classes=num_classes, in_channels=in_channels, width=width)
 
 
 def small_resnet(
