@@ -340,6 +340,19 @@ def test_analog_dataset_compared_with_paper(tmp_path):
     assert next(r for r in every.rows if r["cr"] == 0.6)["paper_top1"] is None
 
 
+def test_smoke_runs_keep_their_rows(tmp_path):
+    # smoke=true shrinks the 30k and the full-data run to the same tiny subset
+    for run_name in ("local-cr0.5", "local-cr0.5-30k"):
+        r = fake("local", train_subset=64)
+        r["config"].update(smoke=True, run_name=run_name)
+        write(tmp_path / "s", run_name, r)
+    (t,) = aggregate([tmp_path / "s"], None, tables="accuracy").tables
+    assert sorted(r["samples"] for r in t.rows) == [
+        "64 (smoke: local-cr0.5)",
+        "64 (smoke: local-cr0.5-30k)",
+    ]
+
+
 def test_sweeps_group_by_what_varies(tmp_path):
     root = tmp_path / "sw"
     for i, bs in enumerate((8, 16, 32)):

@@ -371,6 +371,11 @@ class Run:
         return bool(self.config.get("smoke", False))
 
     @property
+    def smoke_key(self) -> str | None:
+        """Smoke runs shrink every row to the same tiny subset: keep rows apart by name."""
+        return str(self.config.get("run_name") or self.label) if self.smoke else None
+
+    @property
     def compare_to(self) -> str | None:
         value = self.config.get("compare_to")
         return str(value) if value else None
@@ -861,7 +866,8 @@ class Aggregation:
             "cr": first.cr,
             "model_cr": _mean(r.achieved_cr for r in chosen),
             "method": first.family,
-            "samples": first.samples_label + (" (smoke)" if first.smoke else ""),
+            "samples": first.samples_label
+            + (f" (smoke: {first.smoke_key})" if first.smoke else ""),
             "n": len(chosen),
             "top1": _mean(r.best_value for r in chosen),
             "top1_std": _std(r.best_value for r in chosen),
@@ -915,7 +921,8 @@ class Aggregation:
         cells: dict[tuple, list[Run]] = defaultdict(list)
         for r in runs:
             if r.family in ("local", "global", "hybrid", "pretrain"):
-                cells[(r.dataset, r.model, r.cr, r.family, r.samples_key, r.smoke)].append(r)
+                key = (r.dataset, r.model, r.cr, r.family, r.samples_key, r.smoke_key)
+                cells[key].append(r)
         rows = [self._accuracy_row(m, self.ref_dataset(m[0])) for m in cells.values()]
         # A dense row for every (data, model) that has tensorized rows but no pretrain run
         # among the inputs: the teacher's own results.json (config.teacher.path).
