@@ -265,3 +265,9 @@ def test_sweep_multirun_writes_one_run_per_value(tmp_path, fake_data, monkeypatc
     assert len(found) == 2
     sizes = sorted(json.loads(p.read_text())["config"]["method"]["local"]["batch_size"] for p in found)
     assert sizes == [8, 16]
+    from tnexp.aggregate import aggregate
+
+    result = aggregate([sweep], tmp_path / "report", tables="sweeps")
+    (table,) = result.tables  # the two jobs form one sweep table, one row per batch size
+    assert len(table.rows) == 2
+    assert (tmp_path / "report" / "tables" / f"{table.name}.md").is_file()
