@@ -31,6 +31,7 @@ from tnexp.modules import (
     LocalDistillation,
     TensorizationModule,
 )
+from tnexp.slice_jobs import SliceJobOutput, cache_lock, prepare_stage, select_slices
 from tnexp.slicing import make_slice_plan
 from tnexp.tasks import CausalLMTask, ClassificationTask
 
@@ -49,6 +50,10 @@ def run(cfg: DictConfig) -> dict[str, Any] | list[dict[str, Any]]:
         from tnexp.profiling import run_profile
 
         return run_profile(cfg)
+    if cfg.method.name in ("assemble", "capture"):  # slice-parallel local: tnexp/slice_jobs.py
+        from tnexp.slice_jobs import run_assemble, run_capture
+
+        return run_assemble(cfg) if cfg.method.name == "assemble" else run_capture(cfg)
     return run_stage(cfg)
 
 
@@ -154,9 +159,7 @@ def build_module(
     method = cfg.method
     if method.name in ("pretrain", "global"):
         return GlobalFinetune(student, task, global_=GlobalConfig(**_plain(method["global"])))
-    plan = make_slice_plan(student, _plain(method.slicing))
-    if method.slices is not None:
-        plan = plan.select(list(method.slices))
+    plan = select_slices(make_slice_plan(student, _plain(method.slicing)), method)
     local = LocalConfig(**_plain(method.local))
     if method.features == "cached" and local.input_source == "student":
         raise ValueError(
@@ -193,21 +196,19 @@ def build_feature_cache(cfg: DictConfig, module: TensorizationModule, datamodule
 
     method = cfg.method
     fingerprint = teacher_fingerprint(module.teacher)
-    cache_dir = method.cache.dir or (
-        Path(cfg.paths.cache_dir)
-        / f"{fingerprint[:16]}-{_slug(method.slicing)}-{method.cache.dtype}"
-    )
+    cache_dir = feature_cache_dir(cfg, fingerprint)
     datamodule.setup("fit")
     full_plan = make_slice_plan(module.student, _plain(method.slicing))
-    write_feature_cache(
-        cache_dir,
-        module.teacher,
-        full_plan,
-        datamodule.train_dataloader(),
-        dtype=method.cache.dtype,
-        dataset_identity=datamodule.identity(),
-        shard_size=int(method.cache.shard_size),
-    )
+    with cache_lock(cache_dir):  # concurrent slice jobs: one captures, the others wait
+        write_feature_cache(
+            cache_dir,
+            module.teacher,
+            full_plan,
+            datamodule.train_dataloader(),
+            dtype=method.cache.dtype,
+            dataset_identity=datamodule.identity(),
+            shard_size=int(method.cache.shard_size),
+        )
     return open_feature_cache(
         cache_dir,
         teacher_fingerprint=fingerprint,
@@ -216,6 +217,15 @@ def build_feature_cache(cfg: DictConfig, module: TensorizationModule, datamodule
         dtype=method.cache.dtype,
         verify_checksums=bool(method.cache.verify_checksums),
     )
+
+
+def feature_cache_dir(cfg: DictConfig, fingerprint: str) -> Path:
+    """``method.cache.dir``, or one directory per teacher, slicing and dtype."""
+    method = cfg.method
+    if method.cache.dir:
+        return Path(method.cache.dir)
+    name = f"{fingerprint[:16]}-{_slug(method.slicing)}-{method.cache.dtype}"
+    return Path(cfg.paths.cache_dir) / name
 
 
 def _slug(value: Any) -> str:
@@ -305,6 +315,7 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS} or quickstart.")
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    cfg = prepare_stage(cfg)  # multirun checks, joblib workers, threads per job
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
 
@@ -327,16 +338,33 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(
             f"method.features must be 'online' or 'cached', got {cfg.method.features!r}"
         )
+    # Per-slice job output (method.slice_jobs.dir): skips done slices, records the rest.
+    jobs = SliceJobOutput.start(cfg, module, report, datamodule, feature_cache)
+    if jobs is not None:
+        if jobs.done:
+            return jobs.skipped_results()
+        feature_cache = jobs.feature_cache
     phased = PhasedDataModule(datamodule, feature_cache)
 
     run_name = _run_name(cfg, report)
     loggers = build_loggers(cfg, out, run_name)
     timer = OptimizationTimer(monitor=task.monitor, mode=task.mode)
     trainer = build_trainer(cfg, out, loggers, timer, task, reload=method == "hybrid")
+    if jobs is not None:
+        trainer.callbacks.append(jobs.callback)
     before = evaluate_language_model(cfg, datamodule, student, "before_training")
     started = time.time()
-    # weights_only: checkpoints hold tensors and plain values only, so load them safely.
-    trainer.fit(module, datamodule=phased, ckpt_path=resolve_resume(cfg, out), weights_only=True)
+    try:
+        # weights_only: checkpoints hold tensors and plain values only, so load them safely.
+        trainer.fit(
+            module, datamodule=phased, ckpt_path=resolve_resume(cfg, out), weights_only=True
+        )
+    except BaseException as err:
+        if jobs is not None:
+            jobs.record_failure(err, timer)
+        raise
+    if jobs is not None:
+        jobs.record_success(module.student, timer)
     wall = time.time() - started
     extra = {"before": before} if before else {}
     after = evaluate_language_model(cfg, datamodule, module.student, "final")
