@@ -77,6 +77,21 @@ def test_stage_runs_and_writes_results(teacher_dir, tmp_path, method):
         assert "train/slice/" in metrics  # the local epoch logged per-slice losses
 
 
+@pytest.mark.parametrize("method", ["local", "global"])
+def test_the_methods_batch_size_is_used_from_the_first_epoch(teacher_dir, tmp_path, method):
+    # 40 training images: 5 steps at the method's batch size 8, 1 at the data's 64.
+    cfg = make_cfg(
+        tmp_path,
+        f"method={method}",
+        f"teacher.path={teacher_dir}",
+        "trainer.limit_train_batches=null",
+        "data.train_subset=40",
+        "data.batch_size=64",
+        f"method.{method}.batch_size=8",
+    )
+    assert run_stage(cfg)["global_step"] == 5
+
+
 def test_local_logs_per_slice_losses(teacher_dir, tmp_path):
     run_stage(
         make_cfg(tmp_path, "method=local", f"teacher.path={teacher_dir}", "method.slicing=layer")

@@ -151,13 +151,17 @@ class TensorizationModule(L.LightningModule):
         first = [p for p in all_params if id(p) in local_ids] or all_params
         rest = [p for p in all_params if id(p) not in {id(q) for q in first}]
         phase = self.phase
+        # Lightning builds the first training loader here (estimating the steps) and keeps
+        # it, so the phase's batch size must be on the datamodule before that.
+        self._sync_datamodule()
         cfg = self._optimizer_cfg(phase.method)
         groups = [{"params": first, "name": "slices" if local_ids else "all"}]
         if rest:
             groups.append({"params": rest, "name": "rest"})
         optimizer = build_optimizer(groups, cfg)
         self._apply_phase_lrs(optimizer, phase.method)
-        total = self._estimated_total_steps()
+        scheduled = cfg.scheduler != "none" or cfg.warmup_steps > 0
+        total = self._estimated_total_steps() if scheduled else None
         scheduler = build_scheduler(optimizer, cfg, total) if total else None
         if scheduler is None:
             return optimizer
@@ -222,6 +226,8 @@ class TensorizationModule(L.LightningModule):
         self._sync_datamodule(self.current_epoch + 1)
 
     def _sync_datamodule(self, epoch: int | None = None) -> None:
+        if self._trainer is None:
+            return
         datamodule = getattr(self.trainer, "datamodule", None)
         phase = self.phase_at(self.current_epoch if epoch is None else epoch)
         if datamodule is not None and hasattr(datamodule, "set_phase"):
