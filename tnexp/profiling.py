@@ -363,8 +363,10 @@ def run_profile(cfg: Any) -> dict[str, Any]:
     from rich.console import Console
     from rich.table import Table
 
+    from tnexp.config import apply_smoke
     from tnexp.run import build_datamodule, load_teacher
 
+    apply_smoke(cfg)
     m = cfg.method
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)

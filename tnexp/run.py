@@ -61,6 +61,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | list[dict[str, Any]]:
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     data_cfg.pop("info", None)  # description of the data set, not a constructor argument
+    data_cfg.pop("smoke", None)  # smoke=true settings (tnexp/config.py), applied or not
     return instantiate(data_cfg)
 
 
@@ -74,7 +75,9 @@ def build_task(cfg: DictConfig) -> ClassificationTask | CausalLMTask:
 
 
 def build_model(cfg: DictConfig) -> torch.nn.Module:
-    return instantiate(cfg.model)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg.pop("smoke", None)  # smoke=true settings (tnexp/config.py), applied or not
+    return instantiate(model_cfg)
 
 
 def resolve_teacher_path(path: str | None) -> Path:
