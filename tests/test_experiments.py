@@ -115,7 +115,7 @@ def test_experiment_tree_covers_every_paper_table():
         for method in ("local", "global"):
             for key in SWEEPS:
                 assert f"paper/sweeps/{ds}_{method}_{key}" in names
-    assert {"paper/gpt2xl/local", "paper/gpt2xl/global"} <= names
+    assert {f"paper/gpt2xl/{n}" for n in ("local", "global", "local_slices", "assemble")} <= names
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
@@ -189,7 +189,7 @@ def fake_data(tmp_path, monkeypatch):
 COMMON_SMOKE = ["smoke=true", "logger=csv", "callbacks.progress_bar=none"]
 
 
-def run_experiment(name: str, tmp: Path, data: Path, *overrides: str) -> dict:
+def run_experiment(name: str, tmp: Path, data: Path, *overrides: str, job: str = "") -> dict:
     cfg = compose_experiment(
         name,
         *COMMON_SMOKE,
@@ -200,7 +200,7 @@ def run_experiment(name: str, tmp: Path, data: Path, *overrides: str) -> dict:
         hydra_cfg=True,
     )
     # What the `tnexp` command does: the output folder is the run folder Hydra made.
-    out = Path(cfg.hydra.run.dir)
+    out = Path(cfg.hydra.run.dir) / job  # a multirun job gets its own sub-folder
     with open_dict(cfg):
         del cfg["hydra"]
         cfg.paths.output_dir = str(out)
@@ -239,6 +239,18 @@ def test_gpt2xl_experiments_run_end_to_end_with_smoke(tmp_path):
         assert res["metrics"]["final_eval"]["token_ppl"] > 1
         crs = [layer["cr"] for layer in res["tensorize"]["layers"]]
         assert crs and all(cr == pytest.approx(0.48, abs=0.03) for cr in crs)
+    # table 7's parallel row: one job per slice (the tiny smoke GPT-2 has 2), then assemble
+    for job in range(2):
+        res = run_experiment(
+            "paper/gpt2xl/local_slices",
+            tmp_path,
+            tmp_path / "data",
+            f"method.slice_jobs.job={job}",
+            job=str(job),
+        )
+    assembled = run_experiment("paper/gpt2xl/assemble", tmp_path, tmp_path / "data")
+    assert assembled["time"]["slice_jobs"]["count"] == 2
+    assert assembled["metrics"]["final_eval"]["token_ppl"] > 1
 
 
 def test_sweep_multirun_writes_one_run_per_value(tmp_path, fake_data, monkeypatch):
