@@ -321,6 +321,10 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     cfg = prepare_stage(cfg)  # multirun checks, joblib workers, threads per job
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
+    if (cfg.method.get("memory_bounded") or {}).get("enabled"):
+        from tnexp.blockwise import run_memory_bounded_stage  # block by block, bounded memory
+
+        return run_memory_bounded_stage(cfg)
 
     datamodule = build_datamodule(cfg)
     task = build_task(cfg)
