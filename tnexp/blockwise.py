@@ -367,8 +367,9 @@ class WeightsFile:
 
     ``path`` is a ``.safetensors`` file, a directory holding ``model.safetensors`` /
     ``teacher.safetensors``, or a sharded checkpoint's ``*.safetensors.index.json`` (or
-    its directory). Files are opened per read and closed again, so memory-mapped pages of
-    blocks already done do not stay in the process.
+    its directory). On the host, safetensors hands out tensors backed by its memory map:
+    their pages become resident when they are used and leave with the tensor, so a block
+    that has been released holds no memory.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -619,7 +620,8 @@ class _MemoryStore:
         return self.data[rows]
 
     def range(self, start: int, stop: int) -> torch.Tensor:
-        return self.data[start:stop]
+        # A copy: a block that modifies its input in place must not change the stored rows.
+        return self.data[start:stop].clone()
 
     def delete(self) -> None:
         self.data = None
@@ -839,9 +841,7 @@ class _Teacher:
             shell.to(HOST)
 
 
-def _verify_chain(
-    teacher: _Teacher, blocks: Sequence[str], inputs: Any, first_kwargs_only: bool = False
-) -> None:
+def _verify_chain(teacher: _Teacher, blocks: Sequence[str], inputs: Any) -> None:
     """One forward on one sample: each block's output must be the next block's input and
     every block must get the first block's extra arguments (they are replayed for all)."""
     model = teacher.model
