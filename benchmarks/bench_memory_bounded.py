@@ -310,6 +310,7 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
     args.teacher_dir = args.teacher_dir or Path(tempfile.gettempdir()) / "tnexp-smollm2-export"
+    load_before = os.getloadavg()
     t0 = time.time()
     prepare(args.teacher_dir)
     print(f"teacher export: {args.teacher_dir} ({time.time() - t0:.0f} s)")
@@ -339,6 +340,9 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            # Memory does not depend on other processes; the seconds do.
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         },
         "units": "bytes (MiB in the table)",
         "results": results,

@@ -225,6 +225,34 @@ def test_schedule_replays_lightnings_batches():
     assert [data.blocks[b][:, 0].tolist() for e in schedule for b in e] == seen
 
 
+def test_resume_reuses_finished_blocks(llama, llama_file, tmp_path):
+    def run(resume: bool, lr: float = 1e-2):
+        return distill_blockwise(
+            _skeleton(llama),
+            MLP_SPEC,
+            _loader(),
+            CausalLMTask(),
+            granularity="decoder",
+            local=LocalConfig(optimizer={"name": "adam", "lr": lr}),
+            config=BlockwiseConfig(
+                epochs=1,
+                offload="disk",
+                progress=False,
+                device="cpu",
+                work_dir=tmp_path,
+                resume=resume,
+            ),
+            teacher_weights=llama_file,
+        )
+
+    first = run(resume=False)
+    again = run(resume=True)
+    assert [s.resumed for s in again.stages] == [True, True]
+    assert _max_diff(_state(again.student), _state(first.student)) == 0.0
+    with pytest.raises(BlockwiseError, match="another setup"):
+        run(resume=True, lr=1e-3)  # other settings: the finished blocks do not apply
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_run_keeps_one_block_on_the_device(llama, llama_file):
     runs = {}
