@@ -1026,11 +1026,6 @@ def distill_blockwise(
             f"train_loader must be a torch DataLoader (its sampler is replayed), got "
             f"{type(train_loader).__name__}."
         )
-    temporary = config.work_dir is None
-    work_dir = (
-        Path(tempfile.mkdtemp(prefix="tnexp-blockwise-")) if temporary else Path(config.work_dir)
-    )
-    work_dir.mkdir(parents=True, exist_ok=True)
     teacher.eval().requires_grad_(False)
     teacher_params = count_parameters(teacher)
 
@@ -1127,9 +1122,13 @@ def distill_blockwise(
         first = next(iter(DataLoader(Subset(dataset, used[:1].tolist()), collate_fn=collate)))
         _verify_chain(teacher_access, block_paths, task.model_inputs(first))
 
+    # Created only now, so that bad input found above leaves nothing behind.
+    temporary = config.work_dir is None
+    work_dir = (
+        Path(tempfile.mkdtemp(prefix="tnexp-blockwise-")) if temporary else Path(config.work_dir)
+    )
+    work_dir.mkdir(parents=True, exist_ok=True)
     spill = work_dir / "activations"
-    spill.mkdir(exist_ok=True)
-
     live_stores: list[Any] = []
 
     def new_store(name: str) -> Any:
@@ -1148,6 +1147,7 @@ def distill_blockwise(
             _PrefixProbe(student_model, block_paths[0]) if student_model is not None else probe
         )
     try:
+        spill.mkdir(exist_ok=True)
         streams = {"teacher": new_store("s000-teacher")}
         if source == "student":
             streams["student"] = new_store("s000-student")
