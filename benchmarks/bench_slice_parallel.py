@@ -17,8 +17,9 @@ launcher.
    with the same epochs, for the paper's table 7 form: serial local, local with N workers,
    global.
 
-Threads: ``method.slice_jobs.threads_per_job=auto`` gives each of N jobs cores // N torch
-threads, so N=1 and N=2 use the same cores. Validation runs once, after the last epoch.
+Threads: ``--threads-per-job auto`` (``method.slice_jobs.threads_per_job=auto``) gives each
+of N jobs cores // N torch threads, so N=1 and N=2 use the same cores; ``1`` gives every
+worker one core (the paper's one GPU per worker). Validation runs once, after the last epoch.
 
 Usage::
 
@@ -181,6 +182,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 f"method.slice_jobs.job=range(0,{NUM_SLICES})",
                 "hydra/launcher=tnexp_joblib",
                 f"hydra.launcher.n_jobs={n}",
+                f"method.slice_jobs.threads_per_job={args.threads_per_job}",
                 f"hydra.sweep.dir={work / f'sweep_n{n}'}",
             ],
             logs / f"multirun_n{n}.log",
@@ -296,6 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline")
     parser.add_argument("--workers", type=int, default=2, help="joblib n_jobs of the parallel run")
+    parser.add_argument(
+        "--threads-per-job",
+        default="auto",
+        help="torch threads per slice job: auto (cores // n_jobs, so N=1 and N=2 use the same "
+        "cores) or an int (1: one core per worker, as one GPU per worker in the paper)",
+    )
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--teacher-epochs", type=int, default=3)
     parser.add_argument("--width", type=int, default=48)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hydra import compose, initialize_config_dir
+from stages import make_cfg
 
 from tnexp.aggregate import (
     AggregateError,
@@ -25,34 +25,11 @@ from tnexp.aggregate import (
     main,
     makespan,
 )
-from tnexp.cli import CONFIG_DIR
 from tnexp.run import run_stage
-
-FAST = [
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=3",
-    "trainer.limit_val_batches=2",
-    "trainer.accelerator=cpu",
-    "trainer.log_every_n_steps=1",
-    "logger=csv",
-    "callbacks.progress_bar=none",
-    "data.image_size=8",
-    "model.width=8",
-]
 
 
 def stage(out: Path, *overrides: str) -> dict[str, Any]:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                *FAST,
-                f"paths.output_dir={out}",
-                f"paths.cache_dir={out / 'cache'}",
-                *overrides,
-            ],
-        )
-    return run_stage(cfg)
+    return run_stage(make_cfg(out, *overrides))
 
 
 def table(result, name: str):

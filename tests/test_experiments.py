@@ -133,7 +133,8 @@ def test_sweeps_are_hydra_multiruns_over_the_paper_grid(name):
     method, key = ("local" if "_local_" in name else "global"), name.rsplit("_", 1)[-1]
     key = "batch_size" if key == "size" else key
     params = dict(cfg.hydra.sweeper.params)
-    param = f"method.{method}.batch_size" if key == "batch_size" else f"method.{method}.optimizer.lr"
+    leaf = "batch_size" if key == "batch_size" else "optimizer.lr"
+    param = f"method.{method}.{leaf}"
     assert params == {param: SWEEPS[key]}
     assert cfg.method.name == method and cfg.tensorize.cr == 0.5
 
@@ -213,9 +214,8 @@ def run_experiment(name: str, tmp: Path, data: Path, *overrides: str, job: str =
 )
 def test_every_table_runs_end_to_end_with_smoke(table, tmp_path, fake_data):
     names = [n for n in experiment_names() if n.startswith(table + "/")]
-    order = ["teacher", "profile"] + sorted(
-        n.rsplit("/", 1)[1] for n in names if n.rsplit("/", 1)[1] not in ("teacher", "profile")
-    )
+    rows = sorted(n.rsplit("/", 1)[1] for n in names)
+    order = ["teacher", "profile", *(r for r in rows if r not in ("teacher", "profile"))]
     results = {name: run_experiment(f"{table}/{name}", tmp_path, fake_data) for name in order}
     assert results["teacher"]["method"] == "pretrain"
     excluded = results["profile"]["excluded"]
@@ -275,7 +275,8 @@ def test_sweep_multirun_writes_one_run_per_value(tmp_path, fake_data, monkeypatc
     sweep = runs / "cifar10_resnet34" / "sweep-local-batchsize"
     found = sorted(sweep.glob("*/results.json"))
     assert len(found) == 2
-    sizes = sorted(json.loads(p.read_text())["config"]["method"]["local"]["batch_size"] for p in found)
+    configs = [json.loads(p.read_text())["config"] for p in found]
+    sizes = sorted(c["method"]["local"]["batch_size"] for c in configs)
     assert sizes == [8, 16]
     from tnexp.aggregate import aggregate
 

@@ -11,6 +11,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
+from stages import FAST as BASE_FAST
+from stages import make_cfg as make_base_cfg
 
 from tnexp.cli import CONFIG_DIR
 from tnexp.modules import NonFiniteLossError
@@ -27,17 +29,7 @@ from tnexp.slice_jobs import (
     sweep_hint,
 )
 
-FAST = [
-    "trainer.max_epochs=2",
-    "trainer.limit_train_batches=3",
-    "trainer.limit_val_batches=2",
-    "trainer.accelerator=cpu",
-    "trainer.log_every_n_steps=1",
-    "logger=csv",
-    "callbacks.progress_bar=none",
-    "data.image_size=8",
-    "model.width=8",
-]
+FAST = [*BASE_FAST, "trainer.max_epochs=2"]
 # small_resnet has four residual blocks; groups of two make a 2-slice plan.
 TWO_SLICES = ["method.slicing=group:2"]
 # Per-slice jobs and the all-slices run are bitwise identical on CPU with the same thread
@@ -47,16 +39,9 @@ CROSS_PROCESS_ATOL = 1e-5
 
 
 def make_cfg(tmp: Path, *overrides: str, fast: bool = True):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(
-            "train",
-            overrides=[
-                *(FAST if fast else []),
-                f"paths.output_dir={tmp}",
-                f"paths.cache_dir={tmp.parent / 'cache'}",
-                *overrides,
-            ],
-        )
+    # jobs of one test share a feature cache beside their output folders
+    epochs = ["trainer.max_epochs=2"] if fast else []
+    return make_base_cfg(tmp, *epochs, *overrides, fast=fast, cache_dir=tmp.parent / "cache")
 
 
 @pytest.fixture(scope="module")

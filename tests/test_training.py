@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from stages import FAST, make_cfg
 
 from tnexp.cli import CONFIG_DIR
 from tnexp.factory import tensorize
@@ -15,32 +15,6 @@ from tnexp.modules import LocalConfig, LocalDistillation, NonFiniteLossError
 from tnexp.run import load_teacher, run_stage
 from tnexp.slicing import make_slice_plan
 from tnexp.tasks import ClassificationTask
-
-FAST = [
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=3",
-    "trainer.limit_val_batches=2",
-    "trainer.accelerator=cpu",
-    "trainer.log_every_n_steps=1",
-    "logger=csv",
-    "callbacks.progress_bar=none",
-    "data.image_size=8",
-    "model.width=8",
-]
-
-
-def make_cfg(tmp: Path, *overrides: str, fast: bool = True):
-    base = FAST if fast else []
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(
-            "train",
-            overrides=[
-                *base,
-                f"paths.output_dir={tmp}",
-                f"paths.cache_dir={tmp / 'cache'}",
-                *overrides,
-            ],
-        )
 
 
 @pytest.fixture(scope="module")
