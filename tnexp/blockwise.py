@@ -76,6 +76,7 @@ from tnexp.features import (
     _same_value,
     _sanitize_kwargs,
     _StopForward,
+    to_device,
 )
 from tnexp.modules.losses import get_distillation_loss
 from tnexp.modules.optim import build_optimizer, build_scheduler
@@ -782,7 +783,7 @@ class _PrefixProbe:
         handle = block.register_forward_pre_hook(hook, with_kwargs=True)
         try:
             with torch.no_grad():
-                _call(self.model, _to(inputs, HOST))
+                _call(self.model, to_device(inputs, HOST))
         except _StopForward:
             pass
         finally:
@@ -797,16 +798,6 @@ class _PrefixProbe:
 
 def _call(model: nn.Module, inputs: Any) -> Any:
     return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
-
-
-def _to(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, Mapping):
-        return {k: _to(v, device) for k, v in value.items()}
-    if isinstance(value, tuple | list):
-        return type(value)(_to(v, device) for v in value)
-    return value
 
 
 def _has_tensor(value: Any) -> bool:
@@ -873,7 +864,7 @@ def _verify_chain(teacher: _Teacher, blocks: Sequence[str], inputs: Any) -> None
         handles.append(module.register_forward_hook(post(path)))
     try:
         with torch.no_grad():
-            _call(model, _to(inputs, HOST))
+            _call(model, to_device(inputs, HOST))
     except _StopForward:
         pass
     finally:
@@ -1463,7 +1454,7 @@ def _train_stage(
             for indices in batches:
                 sync()
                 start = time.perf_counter()
-                kwargs = _to(kwargs_for(raw_batch(indices) if raw_batch else None), device)
+                kwargs = to_device(kwargs_for(raw_batch(indices) if raw_batch else None), device)
                 rows = row_of[indices]
                 x = streams["teacher"].gather(rows).to(device)
                 teacher_features = t_capture({"hidden_states": x, **kwargs})
@@ -1558,7 +1549,7 @@ def _propagate(
     with torch.no_grad():
         for raw in ordered if dynamic else _counts(ordered):
             count = _batch_len(raw) if dynamic else raw
-            kwargs = _to(kwargs_for(raw if dynamic else None), device)
+            kwargs = to_device(kwargs_for(raw if dynamic else None), device)
             for name, store in streams.items():
                 x = store.range(start, start + count).to(device)
                 nxt[name].append(shells[name](x, **kwargs))
@@ -1799,7 +1790,7 @@ def validate(
     model.eval().to(device)
     metrics = task.make_metrics().to(device)
     for batch in itertools.islice(loader, count):
-        batch = _to(batch, device)
+        batch = to_device(batch, device)
         outputs = task.forward(model, batch)
         task.update_metrics(metrics, outputs, batch, task.loss(outputs, batch))
     values = task.finalize(metrics.compute())

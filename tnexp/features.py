@@ -182,15 +182,16 @@ def _model_device(model: nn.Module) -> torch.device | None:
     return None
 
 
-def _to_device(value: Any, device: torch.device | None) -> Any:
+def to_device(value: Any, device: torch.device | None) -> Any:
+    """``value`` (tensors, nested in dicts / lists / tuples) moved to ``device``."""
     if device is None:
         return value
     if isinstance(value, torch.Tensor):
         return value.to(device, non_blocking=True)
     if isinstance(value, Mapping):
-        return {k: _to_device(v, device) for k, v in value.items()}
+        return {k: to_device(v, device) for k, v in value.items()}
     if isinstance(value, tuple | list):
-        return type(value)(_to_device(v, device) for v in value)
+        return type(value)(to_device(v, device) for v in value)
     return value
 
 
@@ -252,7 +253,7 @@ class FeatureCapture:
         if self._closed:
             raise RuntimeError("this FeatureCapture is closed; create a new one.")
         device = self.device or _model_device(self.model)
-        inputs = _to_device(inputs, device)
+        inputs = to_device(inputs, device)
         records = {s.name: _Record() for s in self.plan}
         verify = not self._groups_verified
         links: dict[tuple[str, int], dict[str, Any]] = {}
@@ -454,7 +455,8 @@ def _normalize_identity(identity: Mapping[str, Any] | None) -> dict[str, Any]:
     return json.loads(_canonical_json(dict(identity or {})))
 
 
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file, read in chunks (cache shards, slice-job weights)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
@@ -570,7 +572,7 @@ def open_feature_cache(
                 f"feature cache shard {path} has {size} bytes, the manifest records "
                 f"{shard.bytes} (truncated or overwritten); {_REMEDY}."
             )
-        if verify_checksums and _sha256_file(path) != shard.sha256:
+        if verify_checksums and sha256_file(path) != shard.sha256:
             raise FeatureCacheError(
                 f"feature cache shard {path} fails its sha256 checksum (corrupt); {_REMEDY}."
             )
@@ -770,7 +772,7 @@ class _ShardWriter:
         name = f"shard_{len(self.shards):05d}.safetensors"
         path = self.directory / name
         save_file(out, str(path))
-        self.shards.append(ShardInfo(name, count, path.stat().st_size, _sha256_file(path)))
+        self.shards.append(ShardInfo(name, count, path.stat().st_size, sha256_file(path)))
         self.buffer = rest
         self.buffered -= count
 

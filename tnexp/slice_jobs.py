@@ -42,6 +42,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
+from tnexp.features import sha256_file
 from tnexp.slicing import SlicePlan, SlicePlanError
 
 log = logging.getLogger("tnexp")
@@ -102,14 +103,6 @@ def _canonical_json(data: Any) -> str:
 
 def _sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _plain(node: Any) -> Any:
@@ -746,7 +739,7 @@ class SliceJobOutput:
                 {"slice": s.name, "job": self.uid, "format_version": str(FORMAT_VERSION)},
             )
             record = self._base_record(self.full_plan.names().index(s.name), s.name, "ok", timer)
-            record["weights"] = {"file": WEIGHTS_FILE, "sha256": _sha256_file(weights)}
+            record["weights"] = {"file": WEIGHTS_FILE, "sha256": sha256_file(weights)}
             atomic_write_json(target / RECORD_FILE, record)
             written.append(target)
         log.info("slice jobs: wrote %s into %s", self.pending.names(), self.directory)
@@ -816,7 +809,7 @@ def _record_problems(
         problems.append(f"weights file {weights} is missing")
     elif verify_weights:
         want = (record.get("weights") or {}).get("sha256")
-        if want != _sha256_file(weights):
+        if want != sha256_file(weights):
             problems.append(f"{weights} does not match its record (sha256; overwritten?)")
     return problems
 
