@@ -1582,10 +1582,10 @@ def run_memory_bounded_stage(cfg: Any) -> dict[str, Any]:
     behind :func:`tnexp.run.run_stage`, writing the same ``results.json`` fields."""
     from omegaconf import OmegaConf
 
+    from tnexp.config import plain as _plain
     from tnexp.factory import save_tensorized
     from tnexp.run import (
         _finish_loggers,
-        _plain,
         _run_name,
         build_datamodule,
         build_loggers,

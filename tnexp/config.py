@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-__all__ = ["SMOKE_GROUPS", "apply_smoke", "sensitive_layers"]
+__all__ = ["SMOKE_GROUPS", "apply_smoke", "plain", "sensitive_layers"]
 
 PROFILE_FILE = "profile.json"
 
@@ -80,3 +81,12 @@ def apply_smoke(cfg: DictConfig) -> DictConfig:
                 int(cfg.trainer.max_epochs or 1), int(cfg.method.local_epochs) + 1
             )
     return cfg
+
+
+def plain(node: Any) -> Any:
+    """Plain Python values of a config node (resolved), e.g. for dataclass constructors."""
+    if OmegaConf.is_config(node):
+        return OmegaConf.to_container(node, resolve=True)
+    if isinstance(node, tuple):
+        return list(node)
+    return node

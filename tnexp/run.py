@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tnexp.callbacks import OptimizationTimer
 from tnexp.config import apply_smoke
+from tnexp.config import plain as _plain
 from tnexp.data.phased import PhasedDataModule
 from tnexp.factory import TensorizeSpec, count_parameters, save_tensorized, tensorize
 from tnexp.modules import (
@@ -181,16 +182,6 @@ def build_module(
             global_=GlobalConfig(**_plain(method["global"])),
         )
     raise ValueError(f"unknown method {method.name!r}; choose one of {METHODS} or quickstart.")
-
-
-def _plain(node: Any) -> Any:
-    return (
-        OmegaConf.to_container(node, resolve=True)
-        if isinstance(node, DictConfig)
-        else (
-            list(node) if hasattr(node, "__iter__") and not isinstance(node, str | dict) else node
-        )
-    )
 
 
 def build_feature_cache(cfg: DictConfig, module: TensorizationModule, datamodule, out: Path):

@@ -42,6 +42,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
+from tnexp.config import plain as _plain
 from tnexp.features import sha256_file
 from tnexp.slicing import SlicePlan, SlicePlanError
 
@@ -103,12 +104,6 @@ def _canonical_json(data: Any) -> str:
 
 def _sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _plain(node: Any) -> Any:
-    if isinstance(node, DictConfig) or OmegaConf.is_list(node):
-        return OmegaConf.to_container(node, resolve=True)
-    return node
 
 
 def _now() -> str:
