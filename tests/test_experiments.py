@@ -163,6 +163,11 @@ def test_smoke_shrinks_model_data_and_trainer():
     assert "smoke" not in off.model and off.trainer.max_epochs == 20
 
 
+def test_smoke_must_be_a_boolean():
+    with pytest.raises(ValueError, match="smoke must be true or false"):
+        apply_smoke(compose_experiment("paper/cifar10/local_cr0.5", "smoke=maybe"))
+
+
 def test_missing_profile_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="profiling experiment"):
         sensitive_layers(str(tmp_path / "nothing"))

@@ -61,7 +61,9 @@ SMOKE_GROUPS = ("data", "model", "tensorize", "method", "trainer", "eval")
 
 def apply_smoke(cfg: DictConfig) -> DictConfig:
     """Apply (``cfg.smoke`` true) or drop the ``smoke:`` blocks of ``cfg``, in place."""
-    enabled = bool(cfg.get("smoke", False))
+    enabled = cfg.get("smoke", False)
+    if not isinstance(enabled, bool):
+        raise ValueError(f"smoke must be true or false, got {enabled!r} (e.g. smoke=true).")
     with open_dict(cfg):
         for group in SMOKE_GROUPS:
             node = cfg.get(group)
