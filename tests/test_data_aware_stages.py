@@ -37,6 +37,8 @@ def test_local_stage_with_als_init_reports_output_errors(teacher_dir, tmp_path):
     layers = saved["tensorize"]["layers"]
     assert all(0.0 <= layer["output_error"] < 1.0 for layer in layers)
     assert all(layer["als_sweeps"] >= 1 for layer in layers)
+    metrics = next((tmp_path / "run" / "csv").glob("**/metrics.csv")).read_text()
+    assert "val/slice_rel_err_mean" in metrics and "val/slice_rel_err/" in metrics
     files = list((cache / "calibration").glob("*.safetensors"))
     assert len(files) == 1  # collected once, saved for reruns and slice jobs
 

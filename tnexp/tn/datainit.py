@@ -48,8 +48,27 @@ def damped(gram: torch.Tensor, damping: float) -> torch.Tensor:
     return g + (damping * scale) * torch.eye(g.shape[0], dtype=torch.float64, device=g.device)
 
 
+_CHOLESKY_CACHE: dict[tuple[int, int, float], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def stable_cholesky(gram: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
-    """Lower Cholesky factor of the damped Gram; raises the damping until it succeeds."""
+    """Lower Cholesky factor of the damped Gram; raises the damping until it succeeds.
+
+    The last few factors are cached by Gram identity: layers sharing an input (gate/up)
+    and the adaptive allocation's spectra reuse one factorisation.
+    """
+    key = (id(gram), gram.data_ptr(), float(damping))
+    hit = _CHOLESKY_CACHE.get(key)
+    if hit is not None and hit[0] is gram:
+        return hit[1]
+    factor = _cholesky(gram, damping)
+    if len(_CHOLESKY_CACHE) >= 8:
+        _CHOLESKY_CACHE.pop(next(iter(_CHOLESKY_CACHE)))
+    _CHOLESKY_CACHE[key] = (gram, factor)
+    return factor
+
+
+def _cholesky(gram: torch.Tensor, damping: float) -> torch.Tensor:
     for attempt in range(8):
         factor, info = torch.linalg.cholesky_ex(damped(gram, damping * (10.0**attempt)))
         if int(info) == 0:
