@@ -590,13 +590,17 @@ def _needs_stats(item: _Planned) -> bool:
     return item.rule.init in DATA_INITS or item.layout == "auto"
 
 
+def _missing_stats(item: _Planned) -> TensorizationError:
+    return TensorizationError(
+        f"{item.name}: init {item.rule.init!r} / layout {item.layout!r} needs input "
+        "statistics of the teacher. From Python pass stats=tnexp.calibration."
+        "collect_input_stats(...); from the CLI set tensorize.calibration.num_batches > 0."
+    )
+
+
 def _stats_gram(stats: Any, item: _Planned) -> torch.Tensor:
     if stats is None:
-        raise TensorizationError(
-            f"{item.name}: init {item.rule.init!r} / layout {item.layout!r} needs input "
-            "statistics of the teacher. From Python pass stats=tnexp.calibration."
-            "collect_input_stats(...); from the CLI set tensorize.calibration.num_batches > 0."
-        )
+        raise _missing_stats(item)
     return stats.gram(item.name)
 
 
@@ -773,9 +777,9 @@ def tensorize(
     """
     spec = TensorizeSpec.from_config(spec)
     planned = plan_layers(model, spec)
-    need = [p.name for p in planned if _needs_stats(p)]
-    if need and stats is None:
-        _stats_gram(None, next(p for p in planned if p.name == need[0]))
+    needing = [p for p in planned if _needs_stats(p)]
+    if needing and stats is None:
+        raise _missing_stats(needing[0])
     per_layer_cr = (
         solve_overall_cr(model, planned, spec.overall_cr) if spec.overall_cr is not None else None
     )
@@ -819,7 +823,7 @@ def tensorize(
                 params_after=sum(p.numel() for p in new.parameters()),
                 weight_params_before=old.weight.numel(),
                 weight_params_after=weight_after,
-                cr_target=None if "predicted_error" in size else cr,
+                cr_target=None if item.name in sizes else cr,  # adaptive: no per-layer target
                 init=item.rule.init,
                 ranks=list(new.ranks) if item.kind == "tucker" else None,
                 bond_dim=new.bond_dim if item.kind == "mpo" else None,
