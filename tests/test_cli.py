@@ -39,7 +39,7 @@ def test_unknown_experiment_names_close_ones_and_starts_nothing(monkeypatch, cap
 def test_experiment_overrides_in_sweep_syntax_are_checked():
     ok = ["experiment=paper/cifar10/local_cr0.5,paper/cifar10/global_cr0.5", "x=1"]
     check_experiment_overrides([*ok, "experiment=glob(paper/*)", "+experiment=null"], CONFIG_DIR)
-    with pytest.raises(UnknownExperimentError, match="paper/cifar100/local_cr0.7"):
+    with pytest.raises(UnknownExperimentError, match=r"paper/cifar100/local_cr0\.7"):
         check_experiment_overrides(
             ["experiment=choice(paper/cifar10/local_cr0.5,paper/cifar100/locl_cr0.7)"],
             CONFIG_DIR,

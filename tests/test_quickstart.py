@@ -1,0 +1,75 @@
+"""The quickstart behind a bare `uv run tnexp`, shrunk: W&B offline runs, output, plot."""
+
+import json
+import sys
+
+import pytest
+from wandb_offline import read_offline_run
+
+from tnexp.cli import main
+
+TINY = [
+    "experiment=quickstart_fast",
+    "method.methods=[local,hybrid]",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "data.image_size=8",
+    "model.width=8",
+]
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quickstart") / "2026-01-01_00-00-00"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WANDB_MODE", "offline")  # nothing leaves the machine
+    mp.setattr(sys, "argv", ["tnexp", *TINY, f"hydra.run.dir={out}"])
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        main()
+    mp.undo()
+    return out, printed.getvalue()
+
+
+def test_every_stage_is_an_offline_wandb_run_of_one_group(quickstart):
+    out, printed = quickstart
+    stages = {"teacher": ("teacher", "pretrain"), "cr0.5/local": ("cr0.5", "local"),
+              "cr0.5/hybrid": ("cr0.5", "hybrid")}  # fmt: skip
+    for folder, (tag, method) in stages.items():
+        (run_dir,) = (out / folder / "wandb").glob("offline-run-*")
+        run = read_offline_run(run_dir)
+        assert run["group"] == "quickstart-2026-01-01_00-00-00"
+        assert {"quickstart", tag, method} <= set(run["tags"])
+        results = json.loads((out / folder / "results.json").read_text())
+        # The W&B config is the stage's config; the summary holds results.json's metrics.
+        assert run["config"]["method"]["name"] == method
+        assert run["config"]["tensorize"].get("cr") == results["config"]["tensorize"].get("cr")
+        assert run["summary"]["best/val/top1"] == pytest.approx(
+            results["metrics"]["best"]["val/top1"]
+        )
+        if method != "pretrain":  # the student right after tensorization
+            assert run["summary"]["before/val/top1"] == pytest.approx(
+                results["metrics"]["before"]["val/top1"]
+            )
+    assert "uv run wandb sync" in printed and "offline-run-*" in printed
+
+
+def test_output_counts_stages_and_does_not_wrap(quickstart):
+    out, printed = quickstart
+    log = (out / "tnexp.log").read_text()  # Hydra's log file of the run
+    assert "stage 1/3: pretraining the teacher" in log
+    assert "stage 3/3: hybrid CR 0.5" in log
+    assert log.count("GPU available") == 1  # Lightning's hardware lines once, no tips
+    assert "Tip" not in log
+    table = [line for line in printed.splitlines() if "│" in line]
+    assert len(table) == 3 and all("0.50" in row for row in table[1:])  # one line per row
+
+
+def test_plot_and_summary(quickstart):
+    out, _ = quickstart
+    assert (out / "accuracy_vs_time.png").stat().st_size > 10_000
+    rows = json.loads((out / "summary.json").read_text())
+    assert [r["method"] for r in rows] == ["dense teacher", "local", "hybrid"]
