@@ -73,3 +73,28 @@ def test_plot_and_summary(quickstart):
     assert (out / "accuracy_vs_time.png").stat().st_size > 10_000
     rows = json.loads((out / "summary.json").read_text())
     assert [r["method"] for r in rows] == ["dense teacher", "local", "hybrid"]
+
+
+def test_recovery_curve_starts_before_recovery_and_marks_the_hybrid_switch():
+    from matplotlib.figure import Figure
+
+    from tnexp.plots import draw_recovery, hybrid_switch_epoch, share_y
+
+    history = [
+        {"epoch": e, "optimization_s": 2.0 * (e + 1), "value": v}
+        for e, v in enumerate([60.0, 80.0, 90.0])
+    ]
+    results = {"method": "hybrid", "config": {"method": {"local_epochs": 2}}}
+    assert hybrid_switch_epoch(results) == 1
+    assert hybrid_switch_epoch({**results, "method": "local"}) is None
+    fig = Figure()
+    left, right = fig.subplots(1, 2)
+    line = draw_recovery(left, history, before=10.0, switch_epoch=1, scale=2.0, label="hybrid")
+    assert list(line.get_xdata()) == [0.0, 1.0, 2.0, 3.0]
+    assert list(line.get_ydata()) == [10.0, 60.0, 80.0, 90.0]
+    before, switch = left.collections  # the hollow time-0 marker, then the switch star
+    assert before.get_offsets().tolist() == [[0.0, 10.0]]
+    assert switch.get_offsets().tolist() == [[2.0, 80.0]]
+    right.plot([0, 1], [95.0, 99.0])
+    share_y([left, right])
+    assert left.get_ylim() == right.get_ylim() and left.get_ylim()[0] < 10 < 99 < left.get_ylim()[1]
