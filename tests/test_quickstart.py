@@ -68,6 +68,19 @@ def test_output_counts_stages_and_does_not_wrap(quickstart):
     assert len(table) == 3 and all("0.50" in row for row in table[1:])  # one line per row
 
 
+def test_a_stage_resumes_from_its_folder(quickstart, monkeypatch):
+    out, _ = quickstart
+    stage = out / "cr0.5" / "local"
+    before = json.loads((stage / "results.json").read_text())
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    monkeypatch.setattr(sys, "argv", ["tnexp", f"hydra.run.dir={stage}", "resume=auto",
+                                      "trainer.max_epochs=3", "logger=csv"])  # fmt: skip
+    main()
+    after = json.loads((stage / "results.json").read_text())
+    assert after["method"] == "local" and after["config"]["model"]["width"] == 8
+    assert after["epochs"] == 3 and after["global_step"] == before["global_step"] * 3 // 2
+
+
 def test_plot_and_summary(quickstart):
     out, _ = quickstart
     assert (out / "accuracy_vs_time.png").stat().st_size > 10_000

@@ -18,6 +18,7 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from tnexp.restore import save_config
 from tnexp.run import TEACHER_FILE, run_stage
 
 log = logging.getLogger("tnexp")
@@ -36,10 +37,11 @@ def _user_overrides() -> list[str]:
 def _stage(q: DictConfig, method: str, overrides: list[str]) -> DictConfig:
     # Order matters: demo defaults, then the user's command line, then what this stage is.
     defaults = [*q.stage_overrides, *q.method_overrides.get(method, [])]
-    return compose(
-        config_name="train",
-        overrides=[f"method={method}", *defaults, *_user_overrides(), *overrides],
-    )
+    every = [f"method={method}", *defaults, *_user_overrides(), *overrides]
+    cfg = compose(config_name="train", overrides=every)
+    # Saved like a Hydra run's config: `tnexp hydra.run.dir=<stage> resume=auto` works.
+    save_config(cfg, Path(cfg.paths.output_dir), every)
+    return cfg
 
 
 def run_quickstart(cfg: DictConfig) -> list[dict[str, Any]]:

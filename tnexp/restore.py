@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-__all__ = ["ResumeConfigError", "SavedRun", "restore_config", "saved_run"]
+__all__ = ["ResumeConfigError", "SavedRun", "restore_config", "save_config", "saved_run"]
 
 # Top-level keys (or groups) a resumed run may change: they say how it runs, not what.
 RESUMABLE_KEYS = ("trainer", "callbacks", "logger", "paths", "resume", "data.num_workers")
@@ -36,6 +36,20 @@ class SavedRun:
     config: DictConfig
     overrides: list[str]
     source: Path  # .hydra/config.yaml, or results.json of a finished run
+
+
+def save_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
+    """Save a stage's config the way Hydra saves a run's (``.hydra/``), if none is there.
+
+    For stages that are not Hydra runs of their own (the quickstart's): an interrupted
+    stage can then be resumed from its folder like any run.
+    """
+    saved = run_dir / ".hydra"
+    if (saved / "config.yaml").is_file():
+        return
+    saved.mkdir(parents=True, exist_ok=True)
+    (saved / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (saved / "overrides.yaml").write_text(OmegaConf.to_yaml(list(overrides)))
 
 
 def _arg_value(args: list[str], key: str) -> str | None:

@@ -234,19 +234,21 @@ def build_loggers(cfg: DictConfig, out: Path, run_name: str) -> list:
         loggers.append(CSVLogger(save_dir=str(out), name="csv", version=""))
     wb = cfg.logger.wandb
     if wb.enabled and wb.mode != "disabled":
-        loggers.append(
-            WandbLogger(
-                project=wb.project,
-                entity=wb.entity,
-                group=wb.group,
-                job_type=wb.job_type,
-                name=wb.name or run_name,
-                tags=[str(t) for t in (wb.tags or [])] + [cfg.method.name],
-                save_dir=str(out),
-                offline=wb.mode == "offline",
-                config=OmegaConf.to_container(cfg, resolve=True),
-            )
+        wandb_logger = WandbLogger(
+            project=wb.project,
+            entity=wb.entity,
+            group=wb.group,
+            job_type=wb.job_type,
+            name=wb.name or run_name,
+            tags=[str(t) for t in (wb.tags or [])] + [cfg.method.name],
+            save_dir=str(out),
+            offline=wb.mode == "offline",
+            config=OmegaConf.to_container(cfg, resolve=True),
         )
+        # Lightning always passes anonymous=None, which recent wandb answers with a
+        # deprecation warning on stderr for every run; the setting does nothing.
+        getattr(wandb_logger, "_wandb_init", {}).pop("anonymous", None)
+        loggers.append(wandb_logger)
     return loggers
 
 
