@@ -35,7 +35,7 @@ def draw_recovery(
 ) -> Any:
     """Plot one run's validation history on ``ax``; returns the line (for its colour).
 
-    ``before`` (time 0) is drawn as a hollow marker joined to the curve, ``switch_epoch``
+    ``before`` (time 0) is drawn as a hollow black marker joined to the curve, ``switch_epoch``
     (the last local epoch of a hybrid run) as a star. ``labels_done`` collects the legend
     entries of these markers so that each appears once per panel.
     """
@@ -53,8 +53,9 @@ def draw_recovery(
     color = curve.get_color()
     if before is not None:
         name = "after tensorization (before recovery)"
+        # Black, not the curve's colour: methods at one CR share this point.
         ax.scatter(
-            [0.0], [before], s=45, facecolors="white", edgecolors=color, zorder=3,
+            [0.0], [before], s=45, facecolors="white", edgecolors="k", zorder=3,
             label=None if name in labels_done else name,
         )  # fmt: skip
         labels_done.add(name)

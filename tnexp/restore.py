@@ -101,6 +101,15 @@ def _resumable(key: str) -> bool:
     return any(key == k or key.startswith(f"{k}.") for k in RESUMABLE_KEYS)
 
 
+def _has_key(cfg: DictConfig, key: str) -> bool:
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return False
+        node = node._get_node(part)  # the node itself: no interpolation is resolved
+    return True
+
+
 def _value(cfg: DictConfig, key: str) -> Any:
     node = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
     return OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
@@ -132,7 +141,7 @@ def restore_config(cfg: DictConfig, saved: SavedRun, task_overrides: list[str]) 
         if _resumable(key):
             applied.append(override)
             continue
-        if OmegaConf.select(cfg, key, default=None) is None and key not in cfg:
+        if not _has_key(cfg, key) and not _has_key(saved.config, key):
             # A group without a node of its own (experiment=...): compare what it changed.
             changed = _differences(
                 OmegaConf.to_container(cfg, resolve=False),
