@@ -46,7 +46,10 @@ def main() -> None:
     except ValueError as err:  # before Hydra starts: no run folder for a run that cannot run
         print(f"tnexp: error: {err}", file=sys.stderr)
         sys.exit(2)
-    _app()
+    try:
+        _app()
+    finally:
+        _SAVED_RUN = None  # belongs to this command only (main() may run again in-process)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,11 @@ _FILTER = _LightningFilter()
 
 
 def setup_output() -> None:
-    """Route Lightning's messages through the app's logging once; silence known noise."""
+    """Route Lightning's messages through the app's logging once; silence known noise.
+
+    Called once per `tnexp` command; the hardware lines show once per command.
+    """
+    _FILTER.seen.clear()
     for name in _LIGHTNING_LOGGERS:
         logger = logging.getLogger(name)
         # Lightning adds a stderr handler when imported before logging is configured; with
