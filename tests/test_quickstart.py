@@ -64,6 +64,8 @@ def test_output_counts_stages_and_does_not_wrap(quickstart):
     assert "stage 3/3: hybrid CR 0.5" in log
     assert log.count("GPU available") == 1  # Lightning's hardware lines once, no tips
     assert "Tip" not in log
+    # Not a terminal: one line per validation instead of a progress bar.
+    assert "epoch 2/2: train/loss_step" in log and "val/top1" in log
     table = [line for line in printed.splitlines() if "│" in line]
     assert len(table) == 3 and all("0.50" in row for row in table[1:])  # one line per row
 
