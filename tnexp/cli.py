@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from omegaconf import DictConfig
+
+if TYPE_CHECKING:
+    from tnexp.restore import SavedRun
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 if not Path(CONFIG_DIR).is_dir():  # installed as a wheel: configs ship inside the package
@@ -15,7 +19,7 @@ if not Path(CONFIG_DIR).is_dir():  # installed as a wheel: configs ship inside t
 
 # The config a run folder was started with, read before Hydra rewrites its .hydra/
 # (`hydra.run.dir=<dir> resume=auto`; tnexp/restore.py).
-_SAVED_RUN = None
+_SAVED_RUN: SavedRun | None = None
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
