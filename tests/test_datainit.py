@@ -275,3 +275,29 @@ def test_tucker_als_through_the_factory():
     _, als = tensorize(conv, {"rules": [{"pattern": "*", "cr": 0.6, "init": "als"}]}, stats=stats)
     assert als.layers[0].output_error < svd.layers[0].output_error
     assert als.layers[0].als_sweeps >= 1
+
+
+class Twice(nn.Module):
+    """One layer called twice per forward, then a head the calibration does not need."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 2)
+        self.head_calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.head_calls += 1
+        return self.head(self.lin(torch.tanh(self.lin(x))))
+
+
+def test_calibration_stops_after_the_last_layer_and_counts_repeated_calls():
+    torch.manual_seed(0)
+    model = Twice().double()
+    head_calls = []
+    model.head.register_forward_hook(lambda *_: head_calls.append(1))
+    batches = [torch.randn(4, 6, dtype=torch.float64) for _ in range(3)]
+    stats = collect_input_stats(model, ["lin"], batches, model_inputs=lambda b: b, num_batches=3)
+    rows = torch.cat([torch.cat([b, torch.tanh(model.lin(b))]) for b in batches]).detach()
+    assert torch.allclose(stats.gram("lin"), rows.T @ rows / rows.shape[0])
+    assert len(head_calls) == 1  # only the first batch ran the head

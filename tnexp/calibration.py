@@ -155,6 +155,10 @@ def layer_input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     raise CalibrationError(f"no input statistics for a {type(module).__name__}.")
 
 
+class _StopForward(Exception):
+    """Raised after the last hooked layer: the rest of the forward is not needed."""
+
+
 class GramAccumulator:
     """Forward pre-hooks that add each named layer's input Gram (float64 running sums)."""
 
@@ -168,12 +172,34 @@ class GramAccumulator:
         # cannot be reused by another layer's input and be mistaken for a shared one.
         self._seen: dict[tuple, tuple[str, torch.Tensor]] = {}
         self._handles: list[Any] = []
+        # Execution order of the hooked layers in the first batch; later batches stop the
+        # forward right after the last of them (an LM's head and final norm are skipped).
+        self.order: list[str] = []
+        self.stop_after: str | None = None
+        self._stop_calls = 0
 
     def __enter__(self) -> GramAccumulator:
         for name in self.names:
             module = self.model.get_submodule(name)
             self._handles.append(module.register_forward_pre_hook(self._hook(name, module)))
+            self._handles.append(module.register_forward_hook(self._stop_hook(name)))
         return self
+
+    def _stop_hook(self, name: str) -> Callable:
+        def hook(_module: nn.Module, _args: tuple, _output: Any) -> None:
+            if name != self.stop_after:
+                return
+            self._stop_calls += 1
+            # A module called several times per forward stops only at its last call.
+            if self._stop_calls == self.order.count(name):
+                raise _StopForward
+
+        return hook
+
+    def end_batch(self) -> None:
+        """After the first batch, stop later forwards at the last hooked layer."""
+        if self.stop_after is None and self.order:
+            self.stop_after = self.order[-1]
 
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
@@ -182,12 +208,15 @@ class GramAccumulator:
 
     def new_batch(self) -> None:
         self._seen.clear()
+        self._stop_calls = 0
 
     def _hook(self, name: str, module: nn.Module) -> Callable:
         def hook(_module: nn.Module, args: tuple) -> None:
             if not args or not isinstance(args[0], torch.Tensor):
                 raise CalibrationError(f"layer {name!r} was called without a tensor input.")
             x = args[0].detach()
+            if self.stop_after is None:
+                self.order.append(name)
             key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, type(module))
             owner = self._seen.get(key, (None, None))[0]
             if owner is not None and owner != name:
@@ -265,10 +294,14 @@ def collect_input_stats(
                     break
                 acc.new_batch()
                 inputs = to_device(model_inputs(batch), device)
-                if isinstance(inputs, Mapping):
-                    teacher(**inputs)
-                else:
-                    teacher(inputs)
+                try:
+                    if isinstance(inputs, Mapping):
+                        teacher(**inputs)
+                    else:
+                        teacher(inputs)
+                except _StopForward:
+                    pass
+                acc.end_batch()
                 seen += 1
                 if bar is not None:
                     bar.update(1)
