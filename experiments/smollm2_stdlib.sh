@@ -7,6 +7,7 @@ set -euo pipefail
 root=${1:-outputs/smollm2_stdlib}
 budget=${2:-00:00:12:00}
 common=(model=smollm2_135m data=stdlib_text tensorize=mpo_llama_mlp tensorize.overall_cr=0.3
+        tensorize.init=svd tensorize.layout=balanced tensorize.allocation=uniform
         data.seq_len=128 data.batch_size=8 trainer.max_epochs=1 "+trainer.max_time=$budget"
         trainer.limit_val_batches=8 eval.perplexity.max_length=512 eval.perplexity.stride=256
         eval.perplexity.max_tokens=8192 logger=csv callbacks.progress_bar=tqdm
