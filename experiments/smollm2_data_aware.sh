@@ -8,7 +8,7 @@ root=${1:-outputs/smollm2_data_aware}
 budget=${2:-00:00:20:00}
 cr=${3:-0.3}
 common=(model=smollm2_135m data=stdlib_text tensorize=mpo_llama_mlp "tensorize.overall_cr=$cr"
-        tensorize.init=whiten tensorize.layout=lowrank tensorize.allocation=adaptive
+        tensorize.init=whiten tensorize.layout=lowrank "tensorize.allocation=${ALLOCATION:-uniform}"
         tensorize.calibration.num_batches=${CALIBRATION_BATCHES:-64}
         data.seq_len=128 data.batch_size=8 trainer.max_epochs=1 "+trainer.max_time=$budget"
         trainer.limit_val_batches=8 +trainer.val_check_interval=25
