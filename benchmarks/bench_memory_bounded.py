@@ -117,8 +117,8 @@ def worker(args: argparse.Namespace) -> dict:
         build_module,
         build_task,
         load_teacher,
-        tensorize_spec,
     )
+    from tnexp.student import tensorize_spec
 
     torch.set_num_threads(args.threads)
     cfg = _compose(args)

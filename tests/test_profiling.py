@@ -127,7 +127,7 @@ def test_csv_png_and_yaml_written(profile, tmp_path):
     from hydra import compose, initialize_config_dir
 
     from tnexp.cli import CONFIG_DIR
-    from tnexp.run import tensorize_spec
+    from tnexp.student import tensorize_spec
 
     configs = tmp_path / "configs"
     shutil.copytree(CONFIG_DIR, configs)

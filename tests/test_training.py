@@ -251,7 +251,8 @@ def _options(group: str) -> list[str]:
     ],
 )
 def test_every_config_composes_and_instantiates(group, tmp_path):
-    from tnexp.run import build_datamodule, build_model, tensorize_spec
+    from tnexp.run import build_datamodule, build_model
+    from tnexp.student import tensorize_spec
 
     for option in _options(group):
         override = f"{group}={option}"
