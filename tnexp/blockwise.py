@@ -1596,6 +1596,7 @@ def run_memory_bounded_stage(cfg: Any) -> dict[str, Any]:
         resolve_teacher_path,
         tensorize_spec,
     )
+    from tnexp.runtime import runtime_record
 
     method = cfg.method
     mb = method.memory_bounded
@@ -1762,6 +1763,7 @@ def run_memory_bounded_stage(cfg: Any) -> dict[str, Any]:
             **result.summary(),
             "skipped_evaluations": skipped if is_language_model(cfg) else [],
         },
+        "runtime": runtime_record(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
