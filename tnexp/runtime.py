@@ -270,11 +270,10 @@ def _report_load(choice: ThreadChoice) -> None:
     share = load * choice.cores / (os.cpu_count() or choice.cores)
     if share >= _TAKEN or choice.others_busy >= _TAKEN:
         log.warning(
-            "machine already loaded: load average %.2f on %d usable cores (others busy on "
-            "%.1f now); using %d torch thread%s (%s). Set runtime.threads=N to override.",
+            "machine already loaded: load average %.2f on %d usable cores; using %d torch "
+            "thread%s (%s). Set runtime.threads=N to override.",
             load,
             choice.cores,
-            choice.others_busy,
             choice.threads,
             "" if choice.threads == 1 else "s",
             choice.reason,
