@@ -147,18 +147,24 @@ def test_data_workers_follow_the_policy(tmp_path, monkeypatch):
         prepare_stage(make_cfg(tmp_path, "method=global", "data.num_workers=-2"))
 
 
-def test_a_stage_records_its_thread_choice_and_drops_to_one_for_tiny_work(tmp_path, monkeypatch):
-    # auto on 2 quiet cores: 2 threads at the start; the first step of this tiny model
-    # counts far below runtime.tiny_step_gflop, so the rest of the stage runs on 1.
+def test_stages_record_their_thread_choice_and_drop_to_one_for_tiny_work(tmp_path, monkeypatch):
+    # auto on 2 quiet cores: 2 threads at the start; the first step of these tiny models
+    # counts far below runtime.tiny_step_gflop, so the rest of each stage runs on 1.
     _quiet_two_cores(monkeypatch)
-    results = run_stage(make_cfg(tmp_path, "method=pretrain"))
-    recorded = json.loads((tmp_path / "results.json").read_text())["runtime"]
-    assert recorded == results["runtime"]
-    assert recorded["source"] == "auto" and recorded["cores"] == 2
-    assert 0 < recorded["step_gflop"] < 0.5
-    assert recorded["threads"] == 1 == recorded["threads_in_use"]
-    assert "tiny step" in recorded["reason"]
-    assert recorded["data_workers"] == 0
+    teacher = tmp_path / "teacher"
+    hybrid = ["method.local_epochs=1", "trainer.max_epochs=2", f"teacher.path={teacher}"]
+    for out, overrides in (
+        (teacher, ["method=pretrain"]),
+        (tmp_path / "hy", ["method=hybrid", *hybrid]),
+    ):
+        results = run_stage(make_cfg(out, *overrides))
+        recorded = json.loads((out / "results.json").read_text())["runtime"]
+        assert recorded == results["runtime"]
+        assert recorded["source"] == "auto" and recorded["cores"] == 2
+        assert 0 < recorded["step_gflop"] < 0.5
+        assert recorded["threads"] == 1 == recorded["threads_in_use"]
+        assert "tiny step" in recorded["reason"]
+        assert recorded["data_workers"] == 0
 
 
 def test_only_auto_choices_are_refined_by_the_measured_work(monkeypatch):
