@@ -12,7 +12,8 @@ Measures, in one run:
    pure-Python ``while True`` loop in a subprocess, started before the policy is applied
    and killed after). Quiet and busy blocks alternate ``--repeats`` times so that other
    processes on a shared machine weigh on both alike; figures are medians of all steps.
-   ``os.getloadavg()`` is recorded beside each block.
+   Before each block the script waits (``--quiet-wait``) for other processes to use under
+   0.3 cores; ``os.getloadavg()`` and the cores others used are recorded beside each block.
 2. **Crossover** (``tiny_step_gflop``): quiet step time with 1 vs every-core threads for
    ``small_resnet`` at several widths and a GPT-2-sized MLP layer, against the step's
    GFLOP (forward+backward, torch's FlopCounterMode).
@@ -64,6 +65,7 @@ from tnexp.models import cifar_resnet18, small_resnet  # noqa: E402
 from tnexp.runtime import (  # noqa: E402
     DEFAULT_TINY_STEP_GFLOP,
     apply_thread_policy,
+    others_busy_cores,
     refine_for_work,
     reset_state,
     usable_cores,
@@ -169,6 +171,17 @@ def load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def wait_for_others(condition: str, limit_s: float) -> float:
+    """Wait (at most ``limit_s``) until other processes use under 0.3 cores beyond our own
+    busy loop; return what they used at the end (recorded beside each figure)."""
+    allowed = 0.3 + (1.0 if condition == "busy" else 0.0)
+    deadline = time.monotonic() + limit_s
+    while True:
+        busy = others_busy_cores(0.5)
+        if busy < allowed or time.monotonic() >= deadline:
+            return round(busy, 2)
+
+
 def run_steps(args: argparse.Namespace, cores: int) -> dict[str, Any]:
     fixed = list(range(1, cores + 1))
     steps = {name: make_step(*spec) for name, spec in MODELS.items()}
@@ -183,6 +196,7 @@ def run_steps(args: argparse.Namespace, cores: int) -> dict[str, Any]:
                     settings += [(f"fixed {n}", n) for n in fixed]
                     settings.append(("policy", choice["threads"]))
                     for label, threads in settings:
+                        others = wait_for_others(condition, args.quiet_wait)
                         before = load()
                         times = time_steps(step, threads, args.steps, args.warmup)
                         key = f"{name}|{condition}|{label}"
@@ -197,12 +211,14 @@ def run_steps(args: argparse.Namespace, cores: int) -> dict[str, Any]:
                                 "median_ms": round(1000 * statistics.median(times), 2),
                                 "loadavg_before": before,
                                 "loadavg_after": load(),
+                                "others_busy_before": others,
                                 **({"policy": choice} if label == "policy" else {}),
                             }
                         )
                         print(
                             f"  [{rep}] {condition:5} {name:38} {label:8} ({threads} thr): "
-                            f"{blocks[-1]['median_ms']:8.1f} ms  load {before:.2f}",
+                            f"{blocks[-1]['median_ms']:8.1f} ms  load {before:.2f}, "
+                            f"others {others:.2f}",
                             flush=True,
                         )
     table: dict[str, Any] = {}
@@ -245,9 +261,11 @@ def run_crossover(args: argparse.Namespace, cores: int) -> list[dict[str, Any]]:
     rows = []
     for name, spec in CROSSOVER.items():
         step, gflop = make_step(*spec)
-        one, many = [], []
+        one, many, others = [], [], []
         for _ in range(args.repeats):  # alternate so drifting load hits both alike
+            others.append(wait_for_others("quiet", args.quiet_wait))
             one += time_steps(step, 1, args.steps, args.warmup)
+            others.append(wait_for_others("quiet", args.quiet_wait))
             many += time_steps(step, cores, args.steps, args.warmup)
         row = {
             "model": name,
@@ -256,6 +274,7 @@ def run_crossover(args: argparse.Namespace, cores: int) -> list[dict[str, Any]]:
             f"ms_{cores}_threads": round(1000 * statistics.median(many), 2),
             "speedup": round(statistics.median(one) / statistics.median(many), 2),
             "loadavg": load(),
+            "others_busy_before": others,
         }
         rows.append(row)
         print(f"  crossover {name:36} {row}", flush=True)
@@ -276,6 +295,7 @@ def run_quickstart(args: argparse.Namespace, cores: int) -> dict[str, Any]:
             cmd = [sys.executable, "-m", "tnexp.cli", f"runtime.threads={threads}"]
             cmd.append(f"hydra.run.dir={out}")
             with busy_process(condition == "busy"):
+                others = wait_for_others(condition, args.quiet_wait)
                 before = load()
                 t0 = time.perf_counter()
                 try:
@@ -293,6 +313,7 @@ def run_quickstart(args: argparse.Namespace, cores: int) -> dict[str, Any]:
                 "returncode": rc,
                 "loadavg_before": before,
                 "loadavg_after": load(),
+                "others_busy_before": others,
                 "stage_threads": chosen,
                 "command": " ".join(["tnexp", *cmd[3:]]),
             }
@@ -311,6 +332,13 @@ def main() -> None:
     parser.add_argument("--no-quickstart", action="store_true")
     parser.add_argument("--no-crossover", action="store_true")
     parser.add_argument("--quickstart-default-limit", type=float, default=0.0)
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=60.0,
+        help="seconds to wait before each block for other processes to go quiet (< 0.3 "
+        "cores besides the benchmark's own busy loop); then it measures anyway",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     cores = usable_cores()
