@@ -29,7 +29,8 @@ one busy process within 2x of its quiet wall time.
 Usage::
 
     uv run python benchmarks/bench_threads.py [--repeats 3] [--steps 12] [--warmup 3]
-        [--no-quickstart] [--quickstart-default-limit 0] [--out docs/benchmarks/threads.json]
+        [--quiet-wait 60] [--no-crossover] [--no-steps] [--no-quickstart]
+        [--quickstart-default-limit 0] [--out docs/benchmarks/threads.json]
 
 Run it without ``OMP_NUM_THREADS`` in the environment (it is removed for the policy and
 the quickstart, but torch's "default" is read when torch starts).
@@ -331,6 +332,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-quickstart", action="store_true")
     parser.add_argument("--no-crossover", action="store_true")
+    parser.add_argument("--no-steps", action="store_true")
     parser.add_argument("--quickstart-default-limit", type=float, default=0.0)
     parser.add_argument(
         "--quiet-wait",
@@ -360,14 +362,16 @@ def main() -> None:
     print(f"{cores} usable cores, torch default {TORCH_DEFAULT_THREADS} threads", flush=True)
     if not args.no_crossover:
         result["crossover"] = run_crossover(args, cores)
-    result["steps"] = run_steps(args, cores)
+    if not args.no_steps:
+        result["steps"] = run_steps(args, cores)
     if not args.no_quickstart:
         result["quickstart"] = run_quickstart(args, cores)
     result["environment"]["loadavg_at_end"] = os.getloadavg()
     result["minutes"] = round((_dt.datetime.now(_dt.UTC) - started).total_seconds() / 60, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result["steps"]["table"], indent=2))
+    if "steps" in result:
+        print(json.dumps(result["steps"]["table"], indent=2))
     if "quickstart" in result:
         print(json.dumps(result["quickstart"], indent=2))
     print(f"written to {args.out}")
