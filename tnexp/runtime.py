@@ -51,7 +51,8 @@ __all__ = [
 log = logging.getLogger("tnexp")
 
 # Per training step (forward + backward, as counted by torch's FlopCounterMode), below
-# which one thread is as fast as two on a quiet 2-core CPU: docs/benchmarks.md, "Threads".
+# which one thread should be as fast as two on an idle 2-core CPU. An estimate: the
+# crossover could not be measured on an idle machine yet (docs/benchmarks.md, "Threads").
 DEFAULT_TINY_STEP_GFLOP = 0.5
 # A core counts as taken when other processes use at least half of it.
 _TAKEN = 0.5
