@@ -109,8 +109,9 @@ def test_a_loaded_machine_is_reported_once_with_the_threads(monkeypatch, caplog)
     assert len(chosen) == 1  # the choice is logged once
 
 
-def test_a_quiet_machine_says_nothing_about_load(monkeypatch, caplog):
-    _quiet_two_cores(monkeypatch)
+@pytest.mark.parametrize("load", [0.05, 0.8])  # 0.8: e.g. the tail of a finished run
+def test_a_quiet_machine_says_nothing_about_load(monkeypatch, caplog, load):
+    _quiet_two_cores(monkeypatch, load=load)
     with caplog.at_level(logging.INFO, logger="tnexp"):
         _, choice = apply_thread_policy()
     assert choice.threads == 2 and torch.get_num_threads() == 2

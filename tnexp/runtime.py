@@ -269,7 +269,8 @@ def _report_load(choice: ThreadChoice) -> None:
     if load is None:
         return
     share = load * choice.cores / (os.cpu_count() or choice.cores)
-    if share >= _TAKEN or choice.others_busy >= _TAKEN:
+    # A whole core's worth of runnable processes in the average, or half a core busy now.
+    if share >= 1.0 or choice.others_busy >= _TAKEN:
         log.warning(
             "machine already loaded: load average %.2f on %d usable cores; using %d torch "
             "thread%s (%s). Set runtime.threads=N to override.",
