@@ -4,7 +4,7 @@ One place for the concern, applied at the start of every stage (``prepare_stage`
 session (``tests/conftest.py``) and launcher job. Why it matters: torch's intra-op pool
 waits for *all* its threads at the end of every parallel region, so when another process
 holds one of the cores, every small op waits a scheduler time slice. On a 2-core machine
-with one other busy process a ResNet step took 6-12x longer with torch's default 2 threads
+loaded by other processes a ResNet step took 5-8x longer with torch's default 2 threads
 than with 1 (docs/benchmarks.md, "Threads").
 
 ``runtime.threads`` (configs/runtime/default.yaml):
