@@ -175,3 +175,22 @@ def test_only_auto_choices_are_refined_by_the_measured_work(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     apply_thread_policy()
     assert refine_for_work(0.01, 0.5) is None and torch.get_num_threads() == 2
+
+
+def test_the_quickstart_summary_records_each_stages_threads():
+    from tnexp.quickstart import summary_rows
+
+    def stage(method, threads, cr=None):
+        return {
+            "method": method,
+            "task": {"monitor": "val/top1"},
+            "params": {"student": 10},
+            "metrics": {"best": {"val/top1": 90.0}, "final": {"val/top1": 89.0}},
+            "time": {"optimization_s": 1.0, "time_to_best_s": 0.5},
+            "config": {"tensorize": {"cr": cr}},
+            "tensorize": {"totals": {"model_cr": 0.5}},
+            "runtime": {"threads": threads},
+        }
+
+    rows = summary_rows(stage("pretrain", 2), [stage("local", 1, cr=0.5)])
+    assert [r["threads"] for r in rows] == [2, 1]
