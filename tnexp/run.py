@@ -32,6 +32,7 @@ from tnexp.modules import (
     LocalDistillation,
     TensorizationModule,
 )
+from tnexp.runtime import DEFAULT_TINY_STEP_GFLOP as TINY_STEP_GFLOP
 from tnexp.runtime import ThreadPolicyCallback, runtime_record
 from tnexp.slice_jobs import SliceJobOutput, cache_lock, prepare_stage, select_slices
 from tnexp.slicing import make_slice_plan
@@ -260,7 +261,9 @@ def build_trainer(
     callbacks: list = [
         timer,
         # auto threads: drop to one thread after the first step if the work is tiny
-        ThreadPolicyCallback(float(OmegaConf.select(cfg, "runtime.tiny_step_gflop") or 0.0)),
+        ThreadPolicyCallback(
+            float(OmegaConf.select(cfg, "runtime.tiny_step_gflop", default=TINY_STEP_GFLOP))
+        ),
         ModelCheckpoint(
             dirpath=str(out / "checkpoints"),
             filename="best",
