@@ -133,6 +133,14 @@ def test_runtime_config_composes_and_bad_values_are_clear(tmp_path):
         prepare_stage(make_cfg(tmp_path, "method=local", "+method.slice_jobs.threads_per_job=2"))
 
 
+def test_cpu_ddp_ranks_share_the_cores(tmp_path, monkeypatch):
+    _quiet_two_cores(monkeypatch)
+    monkeypatch.setattr("tnexp.runtime.usable_cores", lambda: 8)
+    cfg = make_cfg(tmp_path, "method=global", "trainer.accelerator=cpu", "trainer.devices=4")
+    prepare_stage(cfg)
+    assert torch.get_num_threads() == 2 and current_choice().jobs == 4
+
+
 def test_data_workers_follow_the_policy(tmp_path, monkeypatch):
     _quiet_two_cores(monkeypatch)
     out = prepare_stage(make_cfg(tmp_path, "method=global", "data.num_workers=auto"))

@@ -13,7 +13,7 @@ than with 1 (docs/benchmarks.md, "Threads").
 * ``auto`` with ``OMP_NUM_THREADS`` set: that number (the user's explicit choice);
 * ``auto``: the cores this process may use (``os.sched_getaffinity``; SLURM's
   ``SLURM_CPUS_PER_TASK`` in a submitit job) divided by the jobs a joblib multirun runs at
-  once, less the cores other processes keep busy (sampled for 0.25 s when the stage
+  once (and by the ranks of a CPU DDP run), less the cores other processes keep busy (sampled for 0.25 s when the stage
   starts), and 1 thread once the first training step shows the work is tiny (below
   ``runtime.tiny_step_gflop``, :class:`ThreadPolicyCallback`).
 

@@ -193,6 +193,14 @@ def _joblib_n_jobs() -> int:
     return n if n > 0 else max(1, usable_cores() + 1 + n)
 
 
+def _cpu_ranks(trainer_cfg: DictConfig) -> int:
+    """Training processes a CPU run starts on this machine (DDP ranks share its cores)."""
+    accelerator = str(trainer_cfg.get("accelerator") or "auto")
+    devices = trainer_cfg.get("devices")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    return devices if on_cpu and isinstance(devices, int) and devices > 1 else 1
+
+
 def _is_distributed(trainer_cfg: DictConfig) -> str | None:
     strategy = str(trainer_cfg.get("strategy") or "auto").lower()
     if strategy.startswith(_DISTRIBUTED_STRATEGIES):
@@ -238,9 +246,8 @@ def prepare_stage(
             )
     # One thread policy for every stage (tnexp/runtime.py): torch threads from the usable
     # cores, concurrent joblib jobs and the load; data.num_workers (0 inside joblib jobs).
-    cfg, _ = apply_thread_policy(
-        cfg, launcher=launcher, jobs=_joblib_n_jobs() if launcher == "joblib" else 1
-    )
+    jobs = _joblib_n_jobs() if launcher == "joblib" else 1
+    cfg, _ = apply_thread_policy(cfg, launcher=launcher, jobs=jobs * _cpu_ranks(cfg.trainer))
     jobs = _slice_jobs_cfg(cfg)
     if jobs is not None:
         _validate_slice_jobs(cfg, jobs)
