@@ -13,9 +13,9 @@ than with 1 (docs/benchmarks.md, "Threads").
 * ``auto`` with ``OMP_NUM_THREADS`` set: that number (the user's explicit choice);
 * ``auto``: the cores this process may use (``os.sched_getaffinity``; SLURM's
   ``SLURM_CPUS_PER_TASK`` in a submitit job) divided by the jobs a joblib multirun runs at
-  once (and by the ranks of a CPU DDP run), less the cores other processes keep busy (sampled for 0.25 s when the stage
-  starts), and 1 thread once the first training step shows the work is tiny (below
-  ``runtime.tiny_step_gflop``, :class:`ThreadPolicyCallback`).
+  once (and by the ranks of a CPU DDP run), less the cores other processes keep busy
+  (sampled for 0.25 s when the stage starts), and 1 thread once the first training step
+  shows the work is tiny (below ``runtime.tiny_step_gflop``, :class:`ThreadPolicyCallback`).
 
 The choice is logged once, recorded under ``runtime`` in every ``results.json``, and a
 loaded machine is reported in one line.
@@ -67,7 +67,7 @@ class ThreadChoice:
     threads: int
     source: str  # "runtime.threads" | "OMP_NUM_THREADS" | "auto"
     cores: int  # cores this process may use
-    jobs: int = 1  # concurrent jobs sharing those cores (joblib n_jobs)
+    jobs: int = 1  # processes sharing those cores (joblib n_jobs x CPU DDP ranks)
     others_busy: float = 0.0  # cores other processes used when the stage started
     load_1min: float | None = None  # os.getloadavg()[0] at that moment
     step_gflop: float | None = None  # measured work of one training step (auto only)
@@ -330,7 +330,8 @@ def apply_thread_policy(
     """Choose and set torch's threads for this stage; resolve ``data.num_workers``.
 
     ``launcher`` is ``"joblib"`` / ``"submitit"`` / ``"basic"`` / None (see
-    ``tnexp.slice_jobs.launcher_kind``); ``jobs`` the concurrent jobs of a joblib multirun.
+    ``tnexp.slice_jobs.launcher_kind``); ``jobs`` the training processes that share these
+    cores (joblib jobs running at once x CPU DDP ranks).
     Returns ``cfg`` (a modified copy where ``data.num_workers`` changed) and the choice.
     """
     setting, tiny = _runtime_cfg(cfg)
