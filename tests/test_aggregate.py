@@ -574,6 +574,18 @@ def test_clear_errors(tmp_path, capsys):
     assert "no results.json found" in capsys.readouterr().err
 
 
+def test_exit_status_is_an_error_when_no_run_finished(tmp_path, capsys):
+    root = tmp_path / "failed"
+    for name in ("a", "b"):
+        (root / name / ".hydra").mkdir(parents=True)
+    (root / "c").mkdir()
+    (root / "c" / "results.json").write_text('{"method": "loc')  # killed while writing
+    assert main([str(root), "--out", str(tmp_path / "o")]) == 1
+    assert "none of the 3 run folder(s)" in capsys.readouterr().err
+    write(root, "done", fake("local"))
+    assert main([str(root), "--out", str(tmp_path / "o")]) == 0
+
+
 def test_reference_file_matches_the_paper():
     ref = load_reference()
     assert ref.dense("cifar10")["top1"] == 95.04 and ref.dense("cifar100")["top1"] == 79.79

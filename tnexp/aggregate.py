@@ -40,6 +40,8 @@ from typing import Any
 
 import yaml
 
+from tnexp.plots import draw_recovery, hybrid_switch_epoch, share_y
+
 __all__ = [
     "AggregateError",
     "Aggregation",
@@ -485,6 +487,11 @@ class Run:
     def history(self) -> list[dict[str, Any]]:
         hist = _get(self.results, "time.history")
         return [h for h in hist if isinstance(h, dict)] if isinstance(hist, list) else []
+
+    @property
+    def before_value(self) -> float | None:
+        """The monitored metric of the student as tensorized, before recovery (if measured)."""
+        return _num(_get(self.results, f"metrics.before.{self.monitor}"))
 
     def _best_entry(self) -> dict[str, Any] | None:
         best = self.best_value
@@ -1491,6 +1498,7 @@ def figure_accuracy_vs_time(agg: Aggregation, path: Path) -> Path | None:
     fig, axes = _new_figure(len(panels))
     for ax, (dataset, cr) in zip(axes, panels, strict=True):
         ref = None
+        markers: set[str] = set()  # legend entries of the before / switch markers, once
         for row in rows:
             if row["dataset"] != dataset or not _same(row["cr"], cr):
                 continue
@@ -1499,22 +1507,23 @@ def figure_accuracy_vs_time(agg: Aggregation, path: Path) -> Path | None:
             label = row["method"] + ("" if row["_samples_key"] == "full" else f" {row['samples']}")
             style = "-" if row["_samples_key"] == "full" else ":"
             for i, run in enumerate(row["_runs"]):
-                points = [
-                    (h["optimization_s"] / scale, h["value"])
+                history = [
+                    h
                     for h in run.history
                     if _num(h.get("value")) is not None
                     and _num(h.get("optimization_s")) is not None
                 ]
-                if points:
-                    xs, ys = zip(*points, strict=True)
-                    ax.plot(
-                        xs,
-                        ys,
-                        style,
-                        marker="o",
-                        ms=3,
-                        color=color,
+                if history:
+                    draw_recovery(
+                        ax,
+                        history,
+                        before=run.before_value,
+                        switch_epoch=hybrid_switch_epoch(run.results),
+                        scale=scale,
                         label=label if i == 0 else None,
+                        labels_done=markers,
+                        ls=style,
+                        color=color,
                     )
                 if run.slice_jobs and run.best_value is not None:
                     ax.scatter(
@@ -1554,6 +1563,7 @@ def figure_accuracy_vs_time(agg: Aggregation, path: Path) -> Path | None:
         ax.set_ylabel("validation top-1 (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    share_y(axes)  # methods and CRs compare at a glance
     return _save(fig, path)
 
 
@@ -1851,6 +1861,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(result.markdown)
     for i in result.incomplete:
         print(f"tnexp-aggregate: incomplete run {i.path}: {i.reason}", file=sys.stderr)
+    if not any(not r.problems for r in result.runs):
+        # Scripts and CI must see that there was nothing to aggregate.
+        found = len(result.incomplete) + len(result.runs)
+        print(
+            f"tnexp-aggregate: error: none of the {found} run folder(s) under "
+            f"{' '.join(args.paths)} finished (no complete results.json); fix or rerun them "
+            "(resume=auto continues a run from its folder).",
+            file=sys.stderr,
+        )
+        return 1
     print(f"tables: {Path(args.out) / 'tables'}", file=sys.stderr)
     return 0
 

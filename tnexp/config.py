@@ -12,7 +12,15 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-__all__ = ["SMOKE_GROUPS", "apply_smoke", "plain", "sensitive_layers"]
+__all__ = [
+    "SMOKE_GROUPS",
+    "UnknownExperimentError",
+    "apply_smoke",
+    "check_experiment_overrides",
+    "experiment_names",
+    "plain",
+    "sensitive_layers",
+]
 
 PROFILE_FILE = "profile.json"
 
@@ -49,6 +57,23 @@ def sensitive_layers(profile: str, k: int | str = 4) -> list[str]:
 
 if not OmegaConf.has_resolver("tnexp.sensitive_layers"):
     OmegaConf.register_new_resolver("tnexp.sensitive_layers", sensitive_layers)
+
+
+def unique_path(*parts: Any) -> str:
+    """``a/b`` from path parts, each repeated part once (``quickstart/quickstart`` -> one).
+
+    The default run folder is ``outputs/<experiment>/<method>/<time>``; when the
+    experiment is named after its method (every plain run) that would say it twice.
+    """
+    kept: list[str] = []
+    for part in (str(p) for p in parts if p not in (None, "")):
+        if part not in kept:
+            kept.append(part)
+    return "/".join(kept)
+
+
+if not OmegaConf.has_resolver("tnexp.unique_path"):
+    OmegaConf.register_new_resolver("tnexp.unique_path", unique_path)
 
 
 # ------------------------------------------------------------------ smoke runs
@@ -92,3 +117,52 @@ def plain(node: Any) -> Any:
     if isinstance(node, tuple):
         return list(node)
     return node
+
+
+# ------------------------------------------------------------------ experiment names
+class UnknownExperimentError(ValueError):
+    """An ``experiment=<name>`` on the command line names no file under configs/experiment."""
+
+
+def experiment_names(config_dir: str | Path) -> list[str]:
+    """Every experiment selectable with ``experiment=<name>`` (paths without ``.yaml``)."""
+    root = Path(config_dir) / "experiment"
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+
+
+def _override_values(value: str) -> list[str] | None:
+    """The experiment names of one override value; None for a glob (matched by Hydra)."""
+    value = value.strip()
+    if value.startswith("glob("):
+        return None
+    for sweep in ("choice(", "range("):
+        if value.startswith(sweep) and value.endswith(")"):
+            value = value[len(sweep) : -1]
+    names = [v.strip().strip("'\"") for v in value.split(",")]
+    return [n for n in names if n and n.lower() != "null"]
+
+
+def check_experiment_overrides(args: list[str], config_dir: str | Path) -> None:
+    """Refuse ``experiment=<name>`` arguments that name no experiment config.
+
+    Hydra's own error lists all ~60 experiments; this one names the closest few, and it
+    comes before Hydra creates an output folder for a run that cannot start.
+    """
+    import difflib
+
+    known = experiment_names(config_dir)
+    for arg in args:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if not sep or key != "experiment":
+            continue
+        for name in _override_values(value) or []:
+            name = name.removesuffix(".yaml")
+            if name in known:
+                continue
+            close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+            tops = ", ".join(sorted({k.split("/")[0] for k in known}))
+            hint = f" Did you mean: {', '.join(close)}?" if close else f" Known: {tops}/..."
+            raise UnknownExperimentError(
+                f"unknown experiment {name!r}: no file configs/experiment/{name}.yaml.{hint}"
+                " `tnexp --help` lists the config groups; docs/experiments.md the experiments."
+            )

@@ -360,10 +360,10 @@ def run_profile(cfg: Any) -> dict[str, Any]:
     config resolver), ``profile.png``, a ``tensorize_<name>.yaml`` snippet and
     ``results.json`` into ``paths.output_dir``, and prints the ranking.
     """
-    from rich.console import Console
     from rich.table import Table
 
     from tnexp.config import apply_smoke
+    from tnexp.console import console as make_console
     from tnexp.run import build_datamodule, load_teacher
     from tnexp.runtime import runtime_record
     from tnexp.slice_jobs import prepare_stage
@@ -411,7 +411,7 @@ def run_profile(cfg: Any) -> dict[str, Any]:
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
 
-    console = Console()
+    console = make_console()
     table = Table(title=f"dense score {results[0].dense_accuracy:.2f}" if results else None)
     for col in ("rank", "layer", "score", "drop", "CR"):
         table.add_column(col, justify="left" if col == "layer" else "right")

@@ -18,6 +18,7 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from tnexp.restore import save_config
 from tnexp.run import TEACHER_FILE, run_stage
 
 log = logging.getLogger("tnexp")
@@ -36,16 +37,26 @@ def _user_overrides() -> list[str]:
 def _stage(q: DictConfig, method: str, overrides: list[str]) -> DictConfig:
     # Order matters: demo defaults, then the user's command line, then what this stage is.
     defaults = [*q.stage_overrides, *q.method_overrides.get(method, [])]
-    return compose(
-        config_name="train",
-        overrides=[f"method={method}", *defaults, *_user_overrides(), *overrides],
-    )
+    every = [f"method={method}", *defaults, *_user_overrides(), *overrides]
+    cfg = compose(config_name="train", overrides=every)
+    # Saved like a Hydra run's config: `tnexp hydra.run.dir=<stage> resume=auto` works.
+    save_config(cfg, Path(cfg.paths.output_dir), every)
+    return cfg
 
 
 def run_quickstart(cfg: DictConfig) -> list[dict[str, Any]]:
     q = cfg.method
     out = Path(cfg.paths.output_dir)
-    log.info("quickstart: pretraining the teacher (%d epochs)", q.teacher_epochs)
+    total = 1 + len(q.crs) * len(q.methods)
+    # One W&B group per quickstart run; each stage tagged with its method and CR.
+    group = f"quickstart-{out.name}"
+    tags = [str(t) for t in cfg.tags or []]
+
+    def wandb(*extra: str) -> list[str]:
+        listed = ",".join(f"'{t}'" for t in [*tags, "quickstart", *extra])
+        return [f"logger.wandb.group={group}", f"logger.wandb.tags=[{listed}]"]
+
+    log.info("stage 1/%d: pretraining the teacher (%d epochs)", total, q.teacher_epochs)
     teacher_dir = out / "teacher"
     teacher = run_stage(
         _stage(
@@ -55,19 +66,22 @@ def run_quickstart(cfg: DictConfig) -> list[dict[str, Any]]:
                 f"trainer.max_epochs={q.teacher_epochs}",
                 f"paths.output_dir={teacher_dir}",
                 f"experiment_name={cfg.experiment_name}",
+                *wandb("teacher"),
             ],
         )
     )
     runs: list[dict[str, Any]] = []
     for cr in q.crs:
         for method in q.methods:
-            log.info("quickstart: %s at CR %s", method, cr)
+            stage = len(runs) + 2
+            log.info("stage %d/%d: %s CR %s (%d epochs)", stage, total, method, cr, q.epochs)
             overrides = [
                 f"tensorize.cr={cr}",
                 f"teacher.path={teacher_dir / TEACHER_FILE}",
                 f"trainer.max_epochs={q.epochs}",
                 f"paths.output_dir={out / f'cr{cr}' / method}",
                 f"experiment_name={cfg.experiment_name}",
+                *wandb(f"cr{cr}"),
             ]
             if method == "hybrid":
                 overrides.append(f"method.local_epochs={q.hybrid_local_epochs}")
@@ -75,10 +89,26 @@ def run_quickstart(cfg: DictConfig) -> list[dict[str, Any]]:
     rows = summary_rows(teacher, runs)
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
     (out / "summary.md").write_text(markdown_table(rows))
-    plot_path = plot_accuracy_vs_time(runs, out / "accuracy_vs_time.png")
+    plot_path = plot_accuracy_vs_time(runs, out / "accuracy_vs_time.png", teacher=teacher)
     print_table(rows)
     print(f"\nplot: {plot_path}\nresults: {out}")
+    offline = sorted(out.glob("**/wandb/offline-run-*"))
+    if offline:
+        # Paths relative to the working directory when possible: copy-pasteable commands.
+        shown = _shown(out)
+        print(
+            f"W&B: {len(offline)} offline runs (group {group}); upload them with\n"
+            f"  uv run wandb sync {shown}/teacher/wandb/offline-run-* "
+            f"{shown}/cr*/*/wandb/offline-run-*"
+        )
     return runs
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def summary_rows(teacher: dict[str, Any], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -137,42 +167,60 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from tnexp.console import console
 
     table = Table(title="tnexp quickstart: ResNet on digits, Tucker-2")
     for title, _, _ in COLUMNS:
         table.add_column(title, justify="left" if title == "method" else "right")
     for row in rows:
         table.add_row(*(_fmt(row[k], f) for _, k, f in COLUMNS))
-    Console().print(table)
+    console().print(table)
 
 
-def plot_accuracy_vs_time(runs: list[dict[str, Any]], path: Path) -> Path:
-    """Top-1 after each validation vs accumulated optimisation time, one panel per CR."""
+def plot_accuracy_vs_time(
+    runs: list[dict[str, Any]], path: Path, teacher: dict[str, Any] | None = None
+) -> Path:
+    """Top-1 after each validation vs accumulated optimisation time, one panel per CR.
+
+    Each curve starts at the student's accuracy right after tensorization; hybrid curves
+    mark the switch from local to global; the dense teacher is a horizontal line; panels
+    share one y range.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from tnexp.plots import draw_recovery, hybrid_switch_epoch, share_y
+
     crs = sorted({r["config"]["tensorize"].get("cr") for r in runs})
     fig, axes = plt.subplots(1, len(crs), figsize=(5.5 * len(crs), 4), squeeze=False)
     for ax, cr in zip(axes[0], crs, strict=True):
+        markers: set[str] = set()
         for r in runs:
             if r["config"]["tensorize"].get("cr") != cr:
                 continue
-            history = [h for h in r["time"]["history"] if h.get("value") is not None]
-            ax.plot(
-                [h["optimization_s"] for h in history],
-                [h["value"] for h in history],
-                marker="o",
+            monitor = r["task"]["monitor"]
+            draw_recovery(
+                ax,
+                r["time"]["history"],
+                before=(r["metrics"].get("before") or {}).get(monitor),
+                switch_epoch=hybrid_switch_epoch(r),
                 label=r["method"],
+                labels_done=markers,
             )
+        if teacher is not None:
+            value = teacher["metrics"]["best"].get(teacher["task"]["monitor"])
+            if value is not None:
+                ax.axhline(value, color="k", ls=":", lw=1, label=f"dense teacher ({value:.2f})")
         ax.set_title(f"CR {cr}")
         ax.set_xlabel("optimisation time (s, forward+backward)")
         ax.set_ylabel("validation top-1 (%)")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8, loc="lower right")
+    share_y(axes[0])
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

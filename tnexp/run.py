@@ -23,7 +23,7 @@ from tnexp.callbacks import OptimizationTimer
 from tnexp.config import apply_smoke
 from tnexp.config import plain as _plain
 from tnexp.data.phased import PhasedDataModule
-from tnexp.factory import TensorizeSpec, count_parameters, save_tensorized, tensorize
+from tnexp.factory import count_parameters, save_tensorized
 from tnexp.modules import (
     GlobalConfig,
     GlobalFinetune,
@@ -36,6 +36,7 @@ from tnexp.runtime import DEFAULT_TINY_STEP_GFLOP as TINY_STEP_GFLOP
 from tnexp.runtime import ThreadPolicyCallback, runtime_record
 from tnexp.slice_jobs import SliceJobOutput, cache_lock, prepare_stage, select_slices
 from tnexp.slicing import make_slice_plan
+from tnexp.student import build_student
 from tnexp.tasks import CausalLMTask, ClassificationTask
 
 log = logging.getLogger("tnexp")
@@ -153,12 +154,6 @@ def _tied_names(model: torch.nn.Module) -> dict[str, set[str]]:
     return {n: names - {n} for names in by_tensor.values() if len(names) > 1 for n in names}
 
 
-def tensorize_spec(cfg: DictConfig) -> TensorizeSpec:
-    t = OmegaConf.to_container(cfg.tensorize, resolve=True)
-    keys = ("rules", "exclude", "overall_cr", "contraction")
-    return TensorizeSpec.from_config({k: t[k] for k in keys if k in t})
-
-
 def build_module(
     cfg: DictConfig, teacher: torch.nn.Module | None, student: torch.nn.Module, task: Any
 ) -> TensorizationModule:
@@ -236,26 +231,30 @@ def build_loggers(cfg: DictConfig, out: Path, run_name: str) -> list:
         loggers.append(CSVLogger(save_dir=str(out), name="csv", version=""))
     wb = cfg.logger.wandb
     if wb.enabled and wb.mode != "disabled":
-        loggers.append(
-            WandbLogger(
-                project=wb.project,
-                entity=wb.entity,
-                group=wb.group,
-                job_type=wb.job_type,
-                name=wb.name or run_name,
-                tags=[str(t) for t in (wb.tags or [])] + [cfg.method.name],
-                save_dir=str(out),
-                offline=wb.mode == "offline",
-                config=OmegaConf.to_container(cfg, resolve=True),
-            )
+        wandb_logger = WandbLogger(
+            project=wb.project,
+            entity=wb.entity,
+            group=wb.group,
+            job_type=wb.job_type,
+            name=wb.name or run_name,
+            tags=[str(t) for t in (wb.tags or [])] + [cfg.method.name],
+            save_dir=str(out),
+            offline=wb.mode == "offline",
+            config=OmegaConf.to_container(cfg, resolve=True),
         )
+        # Lightning always passes anonymous=None, which recent wandb answers with a
+        # deprecation warning on stderr for every run; the setting does nothing.
+        getattr(wandb_logger, "_wandb_init", {}).pop("anonymous", None)
+        loggers.append(wandb_logger)
     return loggers
 
 
 def build_trainer(
     cfg: DictConfig, out: Path, loggers: list, timer: OptimizationTimer, task: Any, reload: bool
 ) -> L.Trainer:
-    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+    from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+
+    from tnexp.console import progress_callbacks
 
     cb = cfg.callbacks
     callbacks: list = [
@@ -273,10 +272,8 @@ def build_trainer(
             save_top_k=int(cb.checkpoint.save_top_k),
         ),
     ]
-    if cb.progress_bar == "rich":
-        callbacks.append(RichProgressBar(leave=False))
-    elif cb.progress_bar == "tqdm":
-        callbacks.append(TQDMProgressBar())
+    progress = progress_callbacks(cb.progress_bar)
+    callbacks += progress
     kwargs = {
         k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None
     }
@@ -284,7 +281,7 @@ def build_trainer(
         **kwargs,
         logger=loggers or False,
         callbacks=callbacks,
-        enable_progress_bar=cb.progress_bar != "none",
+        enable_progress_bar=any(isinstance(c, ProgressBar) for c in progress),
         default_root_dir=str(out),
         reload_dataloaders_every_n_epochs=1 if reload else 0,
     )
@@ -331,8 +328,7 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
         student = build_model(cfg)
     else:
         teacher = load_teacher(cfg)
-        student, report = tensorize(teacher, tensorize_spec(cfg), progress=True)
-        log.info("tensorized %d layers, model CR %.3f", len(report.layers), report.model_cr)
+        student, report = build_student(cfg, teacher, datamodule, task)
     module = build_module(cfg, teacher, student, task)
 
     feature_cache = None
@@ -357,6 +353,8 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     if jobs is not None:
         trainer.callbacks.append(jobs.callback)
     before = evaluate_language_model(cfg, datamodule, student, "before_training")
+    if teacher is not None and not before:
+        before = evaluate_classification(cfg, datamodule, student, task)
     started = time.time()
     try:
         # weights_only: checkpoints hold tensors and plain values only, so load them safely.
@@ -488,6 +486,55 @@ def with_overrides(cfg: DictConfig, **values: Any) -> DictConfig:
     return new
 
 
+def _eval_device(cfg: DictConfig, model: torch.nn.Module) -> torch.device:
+    device = next(model.parameters()).device
+    if torch.cuda.is_available() and device.type == "cpu" and cfg.trainer.accelerator != "cpu":
+        device = torch.device("cuda")
+    return device
+
+
+def _val_batches(limit: Any, available: int) -> int:
+    """Lightning's ``limit_val_batches``: None or 1.0 all, a float a fraction, an int a count."""
+    if limit is None or (isinstance(limit, float) and limit == 1.0):
+        return available
+    if isinstance(limit, float):
+        return int(available * limit)
+    return min(int(limit), available)
+
+
+def evaluate_classification(
+    cfg: DictConfig, datamodule: Any, model: torch.nn.Module, task: Any
+) -> dict[str, float]:
+    """Validation metrics of ``model`` on the batches the fit loop validates on.
+
+    Run on the freshly tensorized student: the accuracy right after tensorization, before
+    any recovery (``metrics.before`` in results.json, time 0 of the accuracy-vs-time plots).
+    """
+    if is_language_model(cfg) or not cfg.eval.classification.before_training:
+        return {}
+    from tnexp.features import to_device
+
+    datamodule.setup("validate")
+    loader = datamodule.val_dataloader()
+    batches = _val_batches(cfg.trainer.get("limit_val_batches"), len(loader))
+    home = next(model.parameters()).device
+    device = _eval_device(cfg, model)
+    was_training = model.training
+    model.to(device).eval()
+    metrics = task.make_metrics().to(device)
+    with torch.no_grad():
+        for i, batch in enumerate(loader):
+            if i >= batches:
+                break
+            batch = to_device(batch, device)
+            outputs = task.forward(model, batch)
+            task.update_metrics(metrics, outputs, batch, task.loss(outputs, batch))
+    model.to(home).train(was_training)
+    values = {f"val/{k}": v for k, v in task.finalize(metrics.compute()).items()}
+    log.info("before recovery: %s", ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
+    return values
+
+
 def evaluate_language_model(
     cfg: DictConfig, datamodule: Any, model: torch.nn.Module, when: str
 ) -> dict[str, Any]:
@@ -506,9 +553,7 @@ def evaluate_language_model(
     from tnexp.eval import evaluate_lm, sliding_window_perplexity
 
     datamodule.setup("validate")
-    device = next(model.parameters()).device
-    if torch.cuda.is_available() and device.type == "cpu" and cfg.trainer.accelerator != "cpu":
-        device = torch.device("cuda")
+    device = _eval_device(cfg, model)
     results: dict[str, Any] = {}
     if ev.perplexity.enabled:
         tokens = datamodule.val_tokens
