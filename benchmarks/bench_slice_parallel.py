@@ -17,8 +17,9 @@ launcher.
    with the same epochs, for the paper's table 7 form: serial local, local with N workers,
    global.
 
-Threads: ``--threads-per-job auto`` (``method.slice_jobs.threads_per_job=auto``) gives each
-of N jobs cores // N torch threads, so N=1 and N=2 use the same cores; ``1`` gives every
+Threads: ``--threads-per-job auto`` (``runtime.threads=auto``, the thread policy) gives each
+of N jobs cores // N torch threads (fewer when other processes keep cores busy, one for
+tiny steps), so N=1 and N=2 use the same cores; ``1`` gives every
 worker one core (the paper's one GPU per worker). Validation runs once, after the last epoch.
 
 Usage::
@@ -182,7 +183,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 f"method.slice_jobs.job=range(0,{NUM_SLICES})",
                 "hydra/launcher=tnexp_joblib",
                 f"hydra.launcher.n_jobs={n}",
-                f"method.slice_jobs.threads_per_job={args.threads_per_job}",
+                f"runtime.threads={args.threads_per_job}",
                 f"hydra.sweep.dir={work / f'sweep_n{n}'}",
             ],
             logs / f"multirun_n{n}.log",

@@ -25,7 +25,6 @@ from tnexp.slice_jobs import (
     job_count,
     job_slice_indices,
     prepare_stage,
-    resolve_threads,
     sweep_hint,
 )
 
@@ -311,21 +310,16 @@ def test_multirun_detected_from_the_hydra_config(tmp_path):
 
 def test_joblib_jobs_use_no_dataloader_workers_and_fewer_threads(tmp_path, monkeypatch):
     monkeypatch.setattr("tnexp.slice_jobs._joblib_n_jobs", lambda: 2)
-    monkeypatch.setattr("tnexp.slice_jobs._cores", lambda: 8)
+    monkeypatch.setattr("tnexp.runtime.usable_cores", lambda: 8)
+    monkeypatch.setattr("tnexp.runtime.others_busy_cores", lambda: 0.0)
+    monkeypatch.delenv("OMP_NUM_THREADS")
     cfg = make_cfg(tmp_path, "method=local", "data.num_workers=3")
-    threads = torch.get_num_threads()
-    try:
-        out = prepare_stage(cfg, run_mode="MULTIRUN", launcher="joblib")
-        assert out.data.num_workers == 0 and cfg.data.num_workers == 3
-        assert torch.get_num_threads() == 4
-    finally:
-        torch.set_num_threads(threads)
-    assert resolve_threads("auto", None) is None
-    assert resolve_threads(3, "joblib") == 3
+    out = prepare_stage(cfg, run_mode="MULTIRUN", launcher="joblib")
+    assert out.data.num_workers == 0 and cfg.data.num_workers == 3
+    assert torch.get_num_threads() == 4  # 8 cores / 2 concurrent jobs
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "6")
-    assert resolve_threads("auto", "submitit") == 6
-    with pytest.raises(ValueError, match="threads_per_job"):
-        resolve_threads(0, None)
+    prepare_stage(cfg, run_mode="MULTIRUN", launcher="submitit")
+    assert torch.get_num_threads() == 6
 
 
 # ---------------------------------------------------------------- configs

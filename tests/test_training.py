@@ -34,8 +34,9 @@ def test_stage_runs_and_writes_results(teacher_dir, tmp_path, method):
     )
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["method"] == method
-    for key in ("config", "metrics", "time", "tensorize", "params", "weights"):
+    for key in ("config", "metrics", "time", "tensorize", "params", "weights", "runtime"):
         assert key in saved, key
+    assert saved["runtime"]["threads"] == saved["runtime"]["threads_in_use"] >= 1
     assert 0.0 <= saved["metrics"]["best"]["val/top1"] <= 100.0
     assert "val/top5" in saved["metrics"]["final"]
     assert saved["time"]["optimization_s"] > 0
@@ -247,6 +248,7 @@ def _options(group: str) -> list[str]:
         "logger",
         "callbacks",
         "paths",
+        "runtime",
         "experiment",
     ],
 )

@@ -83,6 +83,7 @@ IGNORED_PREFIXES = (
     "data.root",
     "data.download",
     "data.num_workers",
+    "runtime.",  # torch threads: the same setting computed with other float summation orders
     "trainer.enable_progress_bar",
     "trainer.default_root_dir",
     "eval.lm_eval.include_path",

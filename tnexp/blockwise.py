@@ -1595,6 +1595,7 @@ def run_memory_bounded_stage(cfg: Any) -> dict[str, Any]:
         load_teacher,
         resolve_teacher_path,
     )
+    from tnexp.runtime import runtime_record
     from tnexp.student import build_student, needs_calibration, tensorize_spec
 
     method = cfg.method
@@ -1768,6 +1769,7 @@ def run_memory_bounded_stage(cfg: Any) -> dict[str, Any]:
             **result.summary(),
             "skipped_evaluations": skipped if is_language_model(cfg) else [],
         },
+        "runtime": runtime_record(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))

@@ -365,8 +365,11 @@ def run_profile(cfg: Any) -> dict[str, Any]:
     from tnexp.config import apply_smoke
     from tnexp.console import console as make_console
     from tnexp.run import build_datamodule, load_teacher
+    from tnexp.runtime import runtime_record
+    from tnexp.slice_jobs import prepare_stage
 
     apply_smoke(cfg)
+    cfg = prepare_stage(cfg)  # thread policy and data workers, as for every stage
     m = cfg.method
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -403,6 +406,7 @@ def run_profile(cfg: Any) -> dict[str, Any]:
         "metrics": {"dense": {"val/top1": results[0].dense_accuracy if results else None}},
         "excluded": most_sensitive(results, k),
         "profile": [r.to_dict() for r in results],
+        "runtime": runtime_record(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))

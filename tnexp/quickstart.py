@@ -123,6 +123,7 @@ def summary_rows(teacher: dict[str, Any], runs: list[dict[str, Any]]) -> list[di
             "top1_final": teacher["metrics"]["final"].get(monitor),
             "optimization_s": teacher["time"]["optimization_s"],
             "time_to_best_s": teacher["time"]["time_to_best_s"],
+            "threads": teacher["runtime"]["threads"],  # the thread policy's choice
         }
     ]
     for r in runs:
@@ -136,6 +137,7 @@ def summary_rows(teacher: dict[str, Any], runs: list[dict[str, Any]]) -> list[di
                 "top1_final": r["metrics"]["final"].get(monitor),
                 "optimization_s": r["time"]["optimization_s"],
                 "time_to_best_s": r["time"]["time_to_best_s"],
+                "threads": r["runtime"]["threads"],
             }
         )
     return rows

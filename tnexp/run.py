@@ -32,6 +32,8 @@ from tnexp.modules import (
     LocalDistillation,
     TensorizationModule,
 )
+from tnexp.runtime import DEFAULT_TINY_STEP_GFLOP as TINY_STEP_GFLOP
+from tnexp.runtime import ThreadPolicyCallback, runtime_record
 from tnexp.slice_jobs import SliceJobOutput, cache_lock, prepare_stage, select_slices
 from tnexp.slicing import make_slice_plan
 from tnexp.student import build_student
@@ -257,6 +259,10 @@ def build_trainer(
     cb = cfg.callbacks
     callbacks: list = [
         timer,
+        # auto threads: drop to one thread after the first step if the work is tiny
+        ThreadPolicyCallback(
+            float(OmegaConf.select(cfg, "runtime.tiny_step_gflop", default=TINY_STEP_GFLOP))
+        ),
         ModelCheckpoint(
             dirpath=str(out / "checkpoints"),
             filename="best",
@@ -306,7 +312,7 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS} or quickstart.")
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = prepare_stage(cfg)  # multirun checks, joblib workers, threads per job
+    cfg = prepare_stage(cfg)  # multirun checks, thread policy, data workers
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
     if (cfg.method.get("memory_bounded") or {}).get("enabled"):
@@ -423,6 +429,7 @@ def write_results(
         "data": data_summary(cfg, trainer),
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
+        "runtime": runtime_record(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))

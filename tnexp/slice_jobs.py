@@ -39,11 +39,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from tnexp.config import plain as _plain
 from tnexp.features import sha256_file
+from tnexp.runtime import apply_thread_policy, runtime_record, usable_cores
 from tnexp.slicing import SlicePlan, SlicePlanError
 
 log = logging.getLogger("tnexp")
@@ -184,36 +185,20 @@ def launcher_kind() -> str | None:
     return None
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def _joblib_n_jobs() -> int:
+    """Concurrent jobs of the running joblib multirun (``hydra.launcher.n_jobs``)."""
     hydra_cfg = _hydra_config()
     n = int(OmegaConf.select(hydra_cfg, "launcher.n_jobs", default=-1) or -1)
     # joblib's convention: -1 = every core, -2 = all but one, ...
-    return n if n > 0 else max(1, _cores() + 1 + n)
+    return n if n > 0 else max(1, usable_cores() + 1 + n)
 
 
-def resolve_threads(setting: Any, launcher: str | None) -> int | None:
-    """torch threads for this job: an int, or ``auto`` (cores / concurrent jobs), or None."""
-    if setting in (None, "none", "null"):
-        return None
-    if setting != "auto":
-        threads = int(setting)
-        if threads < 1:
-            raise ValueError(
-                f"method.slice_jobs.threads_per_job must be >= 1, 'auto' or null, got {setting!r}."
-            )
-        return threads
-    if launcher == "joblib":
-        return max(1, _cores() // _joblib_n_jobs())
-    if launcher == "submitit" and os.environ.get("SLURM_CPUS_PER_TASK"):
-        return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))
-    return None  # a single run (or an unknown launcher) keeps torch's own default
+def _cpu_ranks(trainer_cfg: DictConfig) -> int:
+    """Training processes a CPU run starts on this machine (DDP ranks share its cores)."""
+    accelerator = str(trainer_cfg.get("accelerator") or "auto")
+    devices = trainer_cfg.get("devices")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    return devices if on_cpu and isinstance(devices, int) and devices > 1 else 1
 
 
 def _is_distributed(trainer_cfg: DictConfig) -> str | None:
@@ -237,10 +222,10 @@ def prepare_stage(
 
     * a Hydra multirun must not use a distributed strategy (DDP/FSDP re-launch the script
       per rank, each re-running the whole sweep): refused with the alternatives;
-    * joblib's loky workers cannot start DataLoader worker processes, so ``data.num_workers``
-      is forced to 0 there;
-    * ``method.slice_jobs.threads_per_job`` (default ``auto``) caps torch's threads so
-      concurrent jobs do not oversubscribe the cores;
+    * the thread policy (``runtime.threads``, :mod:`tnexp.runtime`) sets torch's threads
+      so that concurrent jobs and other processes do not oversubscribe the cores, and
+      resolves ``data.num_workers`` (0 inside joblib's loky workers, which cannot start
+      DataLoader worker processes);
     * slice-job settings are validated (local method, teacher inputs, one way to select).
 
     ``run_mode`` / ``launcher`` default to what the running Hydra job says (tests pass them).
@@ -259,22 +244,11 @@ def prepare_stage(
                 "and spread local slices over devices with per-slice jobs instead "
                 "(method.slice_jobs.*, one device per job)."
             )
-    if launcher == "joblib" and int(OmegaConf.select(cfg, "data.num_workers", default=0) or 0):
-        log.warning(
-            "joblib launcher: data.num_workers=%s -> 0 (loky worker processes cannot start "
-            "DataLoader worker processes)",
-            cfg.data.num_workers,
-        )
-        cfg = cfg.copy()
-        with open_dict(cfg):
-            cfg.data.num_workers = 0
+    # One thread policy for every stage (tnexp/runtime.py): torch threads from the usable
+    # cores, concurrent joblib jobs and the load; data.num_workers (0 inside joblib jobs).
+    jobs = _joblib_n_jobs() if launcher == "joblib" else 1
+    cfg, _ = apply_thread_policy(cfg, launcher=launcher, jobs=jobs * _cpu_ranks(cfg.trainer))
     jobs = _slice_jobs_cfg(cfg)
-    threads = resolve_threads(
-        "auto" if jobs is None else jobs.get("threads_per_job", "auto"), launcher
-    )
-    if threads is not None and threads != torch.get_num_threads():
-        log.info("torch threads for this job: %d", threads)
-        torch.set_num_threads(threads)
     if jobs is not None:
         _validate_slice_jobs(cfg, jobs)
     return cfg
@@ -1049,6 +1023,7 @@ def run_assemble(cfg: DictConfig) -> dict[str, Any]:
             "features": features,
             "spec_hash": current["identity"]["spec_hash"],
         },
+        "runtime": runtime_record(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     atomic_write_json(out / "results.json", results)
@@ -1097,6 +1072,7 @@ def run_capture(cfg: DictConfig) -> dict[str, Any]:
         "slices": [{"index": i, **s.to_dict()} for i, s in enumerate(plan)],
         "sweep": sweep_hint(len(plan), group),
         "jobs": job_count(len(plan), group),
+        "runtime": runtime_record(),
     }
     if not cfg.method.get("plan_only", False):
         holder = _CaptureTarget(teacher=teacher, student=student, plan=plan)
