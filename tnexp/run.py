@@ -202,6 +202,7 @@ def build_feature_cache(cfg: DictConfig, module: TensorizationModule, datamodule
             dtype=method.cache.dtype,
             dataset_identity=datamodule.identity(),
             shard_size=int(method.cache.shard_size),
+            overwrite=bool(method.cache.get("overwrite", False)),
         )
     return open_feature_cache(
         cache_dir,
