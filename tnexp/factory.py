@@ -82,18 +82,6 @@ class TensorizeRule:
                 f"rule {self.pattern!r}: cr={self.cr} and {given}= both set the layer size; "
                 f"keep one of them (cr solves the {given} from the compression rate)."
             )
-        lengths = {a: len(v) for a in ("in_factors", "out_factors") if (v := getattr(self, a))}
-        if len(set(lengths.values())) > 1:
-            raise TensorizationError(
-                f"rule {self.pattern!r}: in_factors {self.in_factors} and out_factors "
-                f"{self.out_factors} have different lengths; an MPO has one input and one "
-                "output factor per site, so give lists of equal length (or one of them only)."
-            )
-        if lengths and self.num_sites != 2 and self.num_sites not in lengths.values():
-            raise TensorizationError(
-                f"rule {self.pattern!r}: num_sites={self.num_sites} but the factor lists have "
-                f"{next(iter(lengths.values()))} entries; drop num_sites or make them agree."
-            )
 
     @property
     def has_explicit_size(self) -> bool:
@@ -454,6 +442,7 @@ def plan_layers(model: nn.Module, spec: TensorizeSpec) -> list[_Planned]:
             )
         item = _Planned(name, module, kind, rule)
         if kind == "mpo":
+            _check_factor_lists(name, rule)
             in_dim, out_dim = linear_weight_in_out(module).shape
             sites = len(rule.in_factors or rule.out_factors or []) or rule.num_sites
             item.in_factors = (
@@ -472,6 +461,23 @@ def plan_layers(model: nn.Module, spec: TensorizeSpec) -> list[_Planned]:
             "the spec selects no module: every match was excluded. Check `exclude`."
         )
     return planned
+
+
+def _check_factor_lists(name: str, rule: TensorizeRule) -> None:
+    """One input and one output factor per MPO site: the lists and num_sites must agree."""
+    lengths = [len(v) for v in (rule.in_factors, rule.out_factors) if v]
+    where = f"{name} (rule {rule.pattern!r})"
+    if len(set(lengths)) > 1:
+        raise TensorizationError(
+            f"{where}: in_factors {rule.in_factors} and out_factors {rule.out_factors} have "
+            "different lengths; an MPO has one input and one output factor per site, so give "
+            "lists of equal length (or one of them only)."
+        )
+    if lengths and rule.num_sites != 2 and rule.num_sites != lengths[0]:
+        raise TensorizationError(
+            f"{where}: num_sites={rule.num_sites} but the factor lists have {lengths[0]} "
+            "entries; drop num_sites or make them agree."
+        )
 
 
 def _size_for(item: _Planned, cr: float | None) -> dict[str, Any]:
