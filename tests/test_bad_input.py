@@ -335,6 +335,14 @@ def test_second_run_in_a_live_run_directory_is_refused(teacher_dir, tmp_path):
     assert not (teacher_dir / LOCK_FILE).exists()  # released
 
 
+def test_cli_refuses_a_live_run_directory_before_hydra_writes(teacher_dir, cli, capsys):
+    before = snapshot(teacher_dir)
+    with run_directory_lock(teacher_dir):
+        assert cli("method=pretrain", f"hydra.run.dir={teacher_dir}") == 2
+    assert "in use by another tnexp run" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert snapshot(teacher_dir) == before  # not even Hydra's .hydra/ files or log
+
+
 def test_lock_of_another_host_is_refused(tmp_path):
     (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
     with pytest.raises(RunDirectoryError) as err, run_directory_lock(tmp_path):

@@ -21,7 +21,7 @@ from typing import Any
 
 from tnexp.errors import RunDirectoryError
 
-__all__ = ["LOCK_FILE", "run_directory_lock"]
+__all__ = ["LOCK_FILE", "RunDirectoryGuard", "check_run_directory", "run_directory_lock"]
 
 LOCK_FILE = ".tnexp-run.lock"
 log = logging.getLogger("tnexp")
@@ -55,6 +55,54 @@ def _create(path: Path, owner: dict[str, Any]) -> bool:
     return True
 
 
+def _in_use_error(directory: Path, path: Path, held: dict[str, Any]) -> RunDirectoryError:
+    pid, held_host = held.get("pid"), held.get("host")
+    where = "this host" if held_host == socket.gethostname() else f"host {held_host}"
+    return RunDirectoryError(
+        f"run directory {directory} is in use by another tnexp run (PID {pid} on {where}, "
+        f"lock {path}). Wait for it to finish, or use another directory "
+        f"(hydra.run.dir=<dir>). If that run is dead (e.g. on another host), delete the "
+        f"lock: rm {path}"
+    )
+
+
+def _is_stale(held: dict[str, Any]) -> bool:
+    pid = held.get("pid")
+    return held.get("host") == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid)
+
+
+def check_run_directory(directory: str | Path) -> None:
+    """Refuse (without locking) a directory that a live run holds; used before Hydra
+    writes its ``.hydra/`` files and log into it, so the live run's files stay intact."""
+    directory = Path(directory)
+    path = directory / LOCK_FILE
+    if path.is_file():
+        held = _read(path)
+        if held and not _is_stale(held):
+            raise _in_use_error(directory, path, held)
+
+
+class RunDirectoryGuard:
+    """Hydra callback (configs/hydra/default.yaml): checks the run directory's lock in
+    ``on_run_start``, i.e. before Hydra saves its config files and opens its log there."""
+
+    def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        from omegaconf import OmegaConf
+
+        run_dir = OmegaConf.select(config, "hydra.run.dir", default=None)
+        if not run_dir:
+            return
+        try:
+            check_run_directory(str(run_dir))
+        except RunDirectoryError as err:
+            # Hydra turns exceptions in callbacks into warnings and carries on, so this is
+            # the one place that ends the command itself (as tnexp.cli would: exit 2).
+            import sys
+
+            print(f"tnexp: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+
 @contextlib.contextmanager
 def run_directory_lock(directory: str | Path) -> Iterator[Path]:
     """Hold ``<directory>/.tnexp-run.lock`` for the duration of a run (created if needed)."""
@@ -76,8 +124,8 @@ def run_directory_lock(directory: str | Path) -> Iterator[Path]:
         if _create(path, owner):
             break
         held = _read(path)
-        pid, held_host = held.get("pid"), held.get("host")
-        if held_host == host and isinstance(pid, int) and not _pid_alive(pid):
+        pid = held.get("pid")
+        if _is_stale(held):
             log.warning(
                 "run directory %s: stale lock of PID %s on %s (that process is dead); taking it "
                 "over",
@@ -93,13 +141,7 @@ def run_directory_lock(directory: str | Path) -> Iterator[Path]:
                 f"{path} exists but is unreadable; if no run is using {directory}, delete it "
                 f"(rm {path}) and start again."
             )
-        where = "this host" if held_host == host else f"host {held_host}"
-        raise RunDirectoryError(
-            f"run directory {directory} is in use by another tnexp run (PID {pid} on {where}, "
-            f"lock {path}). Wait for it to finish, or use another directory "
-            f"(hydra.run.dir=<dir>). If that run is dead (e.g. on another host), delete the "
-            f"lock: rm {path}"
-        )
+        raise _in_use_error(directory, path, held)
     else:
         raise RunDirectoryError(f"could not take the lock {path}; retry the run.")
     try:
