@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.data import Dataset, Sampler
 
 from tnexp.errors import IntegrityError, TnexpError
-from tnexp.integrity import checksum_matches, sha256_file, tensor_checksum
+from tnexp.integrity import atomic_write_json, checksum_matches, sha256_file, tensor_checksum
 from tnexp.slicing import Slice, SlicePlan, SlicePlanError, first_tensor
 
 __all__ = [
@@ -1040,11 +1040,7 @@ def _capture_into(
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    atomic_write_json(path, data, sort_keys=True)
 
 
 def _publish(work: Path, directory: Path, overwrite: bool) -> None:
