@@ -424,6 +424,14 @@ def test_resume_appends_to_the_metrics(teacher_dir, tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["status"] == "ok"
 
 
+def test_resume_continues_the_wandb_run(tmp_path):
+    from tnexp.run import _wandb_run_id
+
+    first = _wandb_run_id(tmp_path, resuming=False)
+    assert _wandb_run_id(tmp_path, resuming=True) == first  # resume: the same W&B run
+    assert _wandb_run_id(tmp_path, resuming=False) != first  # a fresh run: a new one
+
+
 def csv_column(header: str, name: str) -> int:
     return header.split(",").index(name)
 

@@ -57,7 +57,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | list[dict[str, Any]]:
     if cfg.method.name in ("assemble", "capture"):  # slice-parallel local: tnexp/slice_jobs.py
         from tnexp.slice_jobs import run_assemble, run_capture
 
-        return run_assemble(cfg) if cfg.method.name == "assemble" else run_capture(cfg)
+        with run_directory_lock(cfg.paths.output_dir):
+            return run_assemble(cfg) if cfg.method.name == "assemble" else run_capture(cfg)
     return run_stage(cfg)
 
 
@@ -389,7 +390,11 @@ def _run_stage_locked(cfg: DictConfig, out: Path) -> dict[str, Any]:
     if (cfg.method.get("memory_bounded") or {}).get("enabled"):
         from tnexp.blockwise import run_memory_bounded_stage  # block by block, bounded memory
 
-        return run_memory_bounded_stage(cfg)
+        try:
+            return run_memory_bounded_stage(cfg)
+        except Exception as err:
+            write_failed_results(cfg, out, err, phase="local")
+            raise
 
     datamodule = build_datamodule(cfg)
     task = build_task(cfg)
@@ -434,7 +439,10 @@ def _run_stage_locked(cfg: DictConfig, out: Path) -> dict[str, Any]:
         if jobs is not None:
             jobs.record_failure(err, timer)
         if not isinstance(err, KeyboardInterrupt | SystemExit):
-            write_failed_results(cfg, out, trainer, module, err)
+            phase = module.phase.method if module._trainer is not None else None
+            write_failed_results(
+                cfg, out, err, phase=phase, epochs=trainer.current_epoch, step=trainer.global_step
+            )
         raise
     if jobs is not None:
         jobs.record_success(module.student, timer)
@@ -509,7 +517,13 @@ def write_results(
 
 
 def write_failed_results(
-    cfg: DictConfig, out: Path, trainer: L.Trainer, module: TensorizationModule, err: BaseException
+    cfg: DictConfig,
+    out: Path,
+    err: BaseException,
+    *,
+    phase: str | None = None,
+    epochs: int | None = None,
+    step: int | None = None,
 ) -> dict[str, Any]:
     """results.json of a run that stopped with an error: ``status: failed``, no metrics.
 
@@ -520,9 +534,9 @@ def write_failed_results(
         "method": cfg.method.name,
         "experiment": cfg.experiment_name,
         "error": {"type": type(err).__name__, "message": str(err)},
-        "phase": module.phase.method if module._trainer is not None else None,
-        "epochs": trainer.current_epoch,
-        "global_step": trainer.global_step,
+        "phase": phase,
+        "epochs": epochs,
+        "global_step": step,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     try:
