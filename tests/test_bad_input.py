@@ -561,7 +561,13 @@ def test_missing_and_wrong_teacher(teacher_dir, tmp_path):
 
 # ====================================================== 6. slice jobs
 def test_corrupt_slice_weights_are_retrained_not_skipped(teacher_dir, tmp_path):
-    two = ["method=local", f"teacher.path={teacher_dir}", "method.slicing=group:2"]
+    two = [
+        "method=local",
+        f"teacher.path={teacher_dir}",
+        "method.slicing=group:2",
+        "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=1",
+    ]
     jobs = tmp_path / "jobs"
     run_stage(make_cfg(tmp_path / "job", *two, f"method.slice_jobs.dir={jobs}"))
     name = "layer3.0+layer4.0"
