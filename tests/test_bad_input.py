@@ -473,6 +473,24 @@ def test_same_size_damage_to_a_shard_is_caught_by_default(resnet, tmp_path):
     says(err, "shard_00001.safetensors fails its checksum", "method.cache.overwrite=true", "rm -rf")
 
 
+def test_caches_from_before_tensor_checksums_verify_the_whole_shard(resnet, tmp_path):
+    teacher, plan = resnet
+    cache = tmp_path / "cache"
+    _write(cache, teacher, plan, _images())
+    manifest = json.loads((cache / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        del shard["checksums"]  # the layout written by older tnexp versions
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    open_feature_cache(cache)[0]  # intact: reads
+    shard = cache / "shard_00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(FeatureCacheIntegrityError) as err:
+        open_feature_cache(cache)[20]
+    says(err, "shard_00002.safetensors fails its checksum", "rm -rf")
+
+
 def test_nan_features_are_refused_at_capture(resnet, tmp_path):
     teacher, plan = resnet
     x, y = _images()
