@@ -1601,8 +1601,8 @@ def run_memory_bounded_stage(cfg: Any) -> dict[str, Any]:
         is_language_model,
         load_teacher,
         resolve_teacher_path,
-        tensorize_spec,
     )
+    from tnexp.student import build_student, needs_calibration, tensorize_spec
 
     method = cfg.method
     mb = method.memory_bounded
@@ -1661,9 +1661,15 @@ def run_memory_bounded_stage(cfg: Any) -> dict[str, Any]:
     if config.offload == "cpu":
         # The same calls in the same order as run_stage, so random init draws the same numbers.
         teacher = load_teacher(cfg)
-        student, report = tensorize(teacher, spec, progress=True)
+        student, report = build_student(cfg, teacher, datamodule, task, spec=spec)
         teacher_weights = None
     else:
+        if needs_calibration(spec):
+            raise BlockwiseError(
+                "data-aware tensorization (init whiten/als, layout auto) needs the teacher's "
+                "input statistics, which offload=disk does not collect block by block yet; "
+                "use method.memory_bounded.offload=cpu, or tensorize.init=svd."
+            )
         student = report = None
         teacher_weights = mb.get("teacher_weights") or (
             resolve_teacher_path(cfg.teacher.path) if cfg.teacher.path else None

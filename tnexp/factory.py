@@ -22,14 +22,35 @@ from torch import nn
 
 from tnexp.errors import IntegrityError
 from tnexp.integrity import atomic_write_json, checksum_matches, file_checksum
+from tnexp.tn.allocation import allocate_ranks, relative_tail_error
+from tnexp.tn.datainit import (
+    DEFAULT_DAMPING,
+    conv_weight_matrix,
+    input_on_first_site,
+    mpo_als,
+    mpo_contract,
+    mpo_whiten,
+    output_error,
+    tucker2_als,
+    weight_error,
+    whitened_spectrum,
+)
 from tnexp.tn.errors import TensorizationError
-from tnexp.tn.mpo import CONTRACTION_ORDERS, MPOLinear, is_hf_conv1d, linear_weight_in_out
+from tnexp.tn.mpo import (
+    CONTRACTION_ORDERS,
+    MPOLinear,
+    is_hf_conv1d,
+    linear_weight_in_out,
+    mpo_svd,
+)
 from tnexp.tn.ranks import (
     balanced_factors,
     check_cr,
     check_factors,
     compression_rate,
     mpo_bond_dim_for_cr,
+    mpo_bonds,
+    mpo_max_bonds,
     mpo_params,
     tucker2_params,
     tucker2_ranks_for_cr,
@@ -37,6 +58,10 @@ from tnexp.tn.ranks import (
 from tnexp.tn.tucker import TuckerConv2d
 
 METHODS = ("auto", "tucker", "mpo")
+INITS = ("svd", "random", "whiten", "als")
+DATA_INITS = ("whiten", "als")  # need input statistics of the teacher (tnexp.calibration)
+LAYOUTS = ("balanced", "lowrank", "auto")
+ALLOCATIONS = ("uniform", "adaptive")
 SPEC_FILE = "tensorize.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -54,16 +79,31 @@ class TensorizeRule:
     num_sites: int = 2
     in_factors: list[int] | None = None
     out_factors: list[int] | None = None
-    init: str = "svd"
+    init: str = "svd"  # svd | random | whiten | als (the last two need input statistics)
+    layout: str = "balanced"  # MPO only: balanced | lowrank | auto
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise TensorizationError(
                 f"rule {self.pattern!r}: method must be one of {METHODS}, got {self.method!r}."
             )
-        if self.init not in ("svd", "random"):
+        if self.init not in INITS:
             raise TensorizationError(
-                f"rule {self.pattern!r}: init must be 'svd' or 'random', got {self.init!r}."
+                f"rule {self.pattern!r}: init must be one of {INITS}, got {self.init!r}."
+            )
+        if self.layout not in LAYOUTS:
+            raise TensorizationError(
+                f"rule {self.pattern!r}: layout must be one of {LAYOUTS}, got {self.layout!r}."
+            )
+        if self.layout != "balanced" and (self.in_factors or self.out_factors):
+            raise TensorizationError(
+                f"rule {self.pattern!r}: layout {self.layout!r} chooses the factors itself; "
+                "remove in_factors/out_factors or use layout: balanced."
+            )
+        if self.layout != "balanced" and self.num_sites != 2:
+            raise TensorizationError(
+                f"rule {self.pattern!r}: layout {self.layout!r} is a 2-site MPO; remove "
+                f"num_sites={self.num_sites} or use layout: balanced."
             )
         if self.cr is not None:
             self.cr = check_cr(self.cr, what=f"rule {self.pattern!r}: cr")
@@ -101,12 +141,31 @@ class TensorizeSpec:
     exclude: list[str] = field(default_factory=list)
     overall_cr: float | None = None
     contraction: str = "auto"
+    # uniform: one per-layer CR; adaptive: per-layer ranks that minimise the summed
+    # relative output error under the overall_cr budget (2-site MPO layers).
+    allocation: str = "uniform"
+    damping: float = DEFAULT_DAMPING  # of the input Gram, relative to its mean diagonal
+    als_sweeps: int = 4
+    als_tol: float = 1e-4
 
     def __post_init__(self) -> None:
         self.rules = [rule_from_config(r, i) for i, r in enumerate(self.rules)]
         self.exclude = [str(e) for e in self.exclude]
         if not self.rules:
             raise TensorizationError("a tensorization spec needs at least one rule.")
+        if self.allocation not in ALLOCATIONS:
+            raise TensorizationError(
+                f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}."
+            )
+        if self.allocation == "adaptive" and self.overall_cr is None:
+            raise TensorizationError(
+                "allocation adaptive distributes an overall_cr budget across layers; set "
+                "overall_cr (and no per-rule cr) or use allocation: uniform."
+            )
+        if not 0.0 <= float(self.damping) < 1e3:
+            raise TensorizationError(f"damping must be >= 0, got {self.damping}.")
+        if int(self.als_sweeps) < 1:
+            raise TensorizationError(f"als_sweeps must be >= 1, got {self.als_sweeps}.")
         if self.contraction not in CONTRACTION_ORDERS:
             raise TensorizationError(
                 f"contraction must be one of {CONTRACTION_ORDERS}, got {self.contraction!r}."
@@ -216,6 +275,13 @@ class LayerReport:
     bonds: list[int] | None = None
     in_factors: list[int] | None = None
     out_factors: list[int] | None = None
+    layout: str | None = None  # MPO: balanced | lowrank (after auto's choice)
+    # Relative output error ||X(W-W')|| / ||XW|| on the calibration inputs (None without
+    # input statistics) and relative weight error ||W-W'|| / ||W|| of the initialisation.
+    output_error: float | None = None
+    weight_error: float | None = None
+    predicted_error: float | None = None  # adaptive allocation: from the spectrum's tail
+    als_sweeps: int | None = None
 
     @property
     def cr(self) -> float:
@@ -242,6 +308,7 @@ class TensorizeReport:
     overall_cr_target: float | None
     per_layer_cr: float | None  # the uniform per-layer CR solved for overall_cr
     contraction: str = "auto"
+    allocation: str = "uniform"
 
     @property
     def tensorized_params_before(self) -> int:
@@ -284,6 +351,7 @@ class TensorizeReport:
                 "per_layer_cr": self.per_layer_cr,
             },
             "contraction": self.contraction,
+            "allocation": self.allocation,
         }
 
     @classmethod
@@ -300,6 +368,7 @@ class TensorizeReport:
             overall_cr_target=totals.get("overall_cr_target"),
             per_layer_cr=totals.get("per_layer_cr"),
             contraction=data.get("contraction", "auto"),
+            allocation=data.get("allocation", "uniform"),
         )
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -399,6 +468,7 @@ class _Planned:
     rule: TensorizeRule
     in_factors: list[int] | None = None
     out_factors: list[int] | None = None
+    layout: str | None = None  # MPO: balanced | lowrank | auto (resolved by tensorize)
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -444,6 +514,11 @@ def plan_layers(model: nn.Module, spec: TensorizeSpec) -> list[_Planned]:
         if kind == "mpo":
             _check_factor_lists(name, rule)
             in_dim, out_dim = linear_weight_in_out(module).shape
+            item.layout = rule.layout
+            if rule.layout == "lowrank":
+                item.in_factors, item.out_factors = lowrank_factors(in_dim, out_dim)
+                planned.append(item)
+                continue
             sites = len(rule.in_factors or rule.out_factors or []) or rule.num_sites
             item.in_factors = (
                 check_factors(in_dim, rule.in_factors, what=f"{name}: input")
@@ -478,6 +553,11 @@ def _check_factor_lists(name: str, rule: TensorizeRule) -> None:
             f"{where}: num_sites={rule.num_sites} but the factor lists have {lengths[0]} "
             "entries; drop num_sites or make them agree."
         )
+
+
+def lowrank_factors(in_dim: int, out_dim: int) -> tuple[list[int], list[int]]:
+    """2-site MPO factors that make it a rank-D product ``U V`` (input on site 1)."""
+    return [in_dim, 1], [1, out_dim]
 
 
 def _size_for(item: _Planned, cr: float | None) -> dict[str, Any]:
@@ -575,32 +655,206 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _build_layer(item: _Planned, size: Mapping[str, Any], contraction: str) -> nn.Module:
-    rule = item.rule
-    if item.kind == "tucker":
-        return TuckerConv2d.from_conv(
-            item.module, ranks=size["ranks"], init=rule.init, name=item.name
+def _needs_stats(item: _Planned) -> bool:
+    return item.rule.init in DATA_INITS or item.layout == "auto"
+
+
+def _stats_gram(stats: Any, item: _Planned) -> torch.Tensor:
+    if stats is None:
+        raise TensorizationError(
+            f"{item.name}: init {item.rule.init!r} / layout {item.layout!r} needs input "
+            "statistics of the teacher. From Python pass stats=tnexp.calibration."
+            "collect_input_stats(...); from the CLI set tensorize.calibration.num_batches > 0."
         )
-    return MPOLinear.from_linear(
+    return stats.gram(item.name)
+
+
+def _build_layer(
+    item: _Planned, size: Mapping[str, Any], spec: TensorizeSpec, stats: Any
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The replacement layer and what its initialisation measured (errors, ALS sweeps)."""
+    rule = item.rule
+    init = rule.init
+    info: dict[str, Any] = {}
+    if item.kind == "tucker":
+        if init == "whiten":
+            raise TensorizationError(
+                f"{item.name}: init 'whiten' is exact only for an MPO whose input sits on one "
+                "site; use init 'als' (data-aware Tucker-2 sweep) for convolutions."
+            )
+        layer = TuckerConv2d.from_conv(
+            item.module,
+            ranks=size["ranks"],
+            init="svd" if init == "als" else init,
+            name=item.name,
+        )
+        if init == "als":
+            gram = _stats_gram(stats, item)
+            factors, result = tucker2_als(
+                item.module.weight.detach(),
+                gram,
+                layer.core.weight.detach(),
+                layer.last.weight.detach()[:, :, 0, 0],
+                layer.first.weight.detach()[:, :, 0, 0].t(),
+                damping=spec.damping,
+                max_sweeps=spec.als_sweeps,
+                tol=spec.als_tol,
+            )
+            layer.set_factors(*factors)
+            info["als_sweeps"] = result.sweeps
+        return layer, info
+    if init not in DATA_INITS:
+        layer = MPOLinear.from_linear(
+            item.module,
+            bond_dim=size["bond_dim"],
+            in_factors=item.in_factors,
+            out_factors=item.out_factors,
+            init=init,
+            contraction=spec.contraction,
+            name=item.name,
+        )
+        return layer, info
+    weight = linear_weight_in_out(item.module)
+    gram = _stats_gram(stats, item)
+    layer = MPOLinear.empty_like(
         item.module,
         bond_dim=size["bond_dim"],
         in_factors=item.in_factors,
         out_factors=item.out_factors,
-        init=rule.init,
-        contraction=contraction,
-        name=item.name,
+        contraction=spec.contraction,
     )
+    if input_on_first_site(item.in_factors):
+        # Exact minimiser for this layout; ALS would only confirm it.
+        cores = mpo_whiten(
+            weight,
+            gram,
+            item.in_factors,
+            item.out_factors,
+            layer.bonds,
+            damping=spec.damping,
+            name=item.name,
+        )
+    elif init == "whiten":
+        cores = mpo_whiten(  # raises the clear "use als or lowrank" error
+            weight, gram, item.in_factors, item.out_factors, layer.bonds, name=item.name
+        )
+    else:
+        start = mpo_svd(weight, item.in_factors, item.out_factors, layer.bonds)
+        cores, result = mpo_als(
+            weight,
+            gram,
+            start,
+            item.in_factors,
+            item.out_factors,
+            damping=spec.damping,
+            max_sweeps=spec.als_sweeps,
+            tol=spec.als_tol,
+        )
+        info["als_sweeps"] = result.sweeps
+    layer.set_cores(cores)
+    return layer, info
+
+
+def _approx_matrices(item: _Planned, new: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The original and the approximated weight as the matrices the Gram applies to."""
+    with torch.no_grad():
+        if item.kind == "tucker":
+            kernel = item.module.weight.detach()
+            return conv_weight_matrix(kernel), conv_weight_matrix(new.to_dense().detach())
+        return linear_weight_in_out(item.module), new.weight_in_out().detach()
+
+
+def _choose_layout(item: _Planned, cr: float, spec: TensorizeSpec, stats: Any) -> None:
+    """layout auto: at equal parameters, keep the layout with the lower output error.
+
+    The low-rank candidate is whitened (its exact optimum); the balanced one is the SVD
+    truncation measured on the same inputs (running ALS for every candidate would cost
+    more than the tensorization itself, and ALS only lowers the balanced error further
+    when it is already the better choice).
+    """
+    weight = linear_weight_in_out(item.module)
+    gram = _stats_gram(stats, item)
+    in_dim, out_dim = weight.shape
+    balanced = (balanced_factors(in_dim, 2), balanced_factors(out_dim, 2))
+    low = lowrank_factors(in_dim, out_dim)
+    errors = {}
+    for layout, (fin, fout) in (("lowrank", low), ("balanced", balanced)):
+        bond = mpo_bond_dim_for_cr(fin, fout, cr, name=item.name)
+        bonds = mpo_bonds(fin, fout, bond)
+        if layout == "lowrank":
+            cores = mpo_whiten(weight, gram, fin, fout, bonds, damping=spec.damping)
+        else:
+            cores = mpo_svd(weight, fin, fout, bonds)
+        errors[layout] = output_error(weight, mpo_contract(cores).to(weight.dtype), gram)
+    chosen = min(errors, key=errors.__getitem__)
+    item.layout = chosen
+    item.in_factors, item.out_factors = low if chosen == "lowrank" else balanced
+
+
+def _adaptive_sizes(
+    model: nn.Module, planned: Sequence[_Planned], target: float, spec: TensorizeSpec, stats: Any
+) -> dict[str, dict[str, Any]]:
+    """Per-layer bond dimensions for ``overall_cr`` that minimise the summed relative error."""
+    free = [p for p in planned if not p.rule.has_explicit_size]
+    bad = [p.name for p in free if p.kind != "mpo" or len(p.in_factors) != 2]
+    if bad:
+        raise TensorizationError(
+            f"allocation adaptive sizes 2-site MPO layers (lowrank, balanced or auto layout); "
+            f"{bad[:3]} are Tucker or N-site layers. Use allocation: uniform for them."
+        )
+    total = count_parameters(model)
+    fixed_after = total - sum(_weight_numel(p.module) for p in planned)
+    fixed_after += sum(
+        _weight_params_after(p, _size_for(p, None)) for p in planned if p.rule.has_explicit_size
+    )
+    budget = (1.0 - target) * total - fixed_after
+    spectra, costs, caps = [], [], []
+    for item in free:
+        weight = linear_weight_in_out(item.module)
+        (i1, i2), (o1, o2) = item.in_factors, item.out_factors
+        if item.layout == "lowrank" and stats is not None and item.name in stats:
+            spectrum = whitened_spectrum(weight, stats.gram(item.name), damping=spec.damping)
+        else:  # data-free: the spectrum at the bond cut of the site-major weight
+            site_major = weight.double().reshape(i1, i2, o1, o2).permute(0, 2, 1, 3)
+            spectrum = torch.linalg.svdvals(site_major.reshape(i1 * o1, i2 * o2))
+        spectra.append(spectrum)
+        costs.append(i1 * o1 + i2 * o2)
+        caps.append(max(mpo_max_bonds(item.in_factors, item.out_factors)))
+    ranks = allocate_ranks(spectra, costs, budget, max_ranks=caps, names=[p.name for p in free])
+    sizes = {p.name: {"bond_dim": r} for p, r in zip(free, ranks, strict=True)}
+    for item, spectrum, rank in zip(free, spectra, ranks, strict=True):
+        sizes[item.name]["predicted_error"] = relative_tail_error(spectrum, rank)
+    return sizes
 
 
 def tensorize(
-    model: nn.Module, spec: TensorizeSpec | Mapping[str, Any], *, progress: bool = False
+    model: nn.Module,
+    spec: TensorizeSpec | Mapping[str, Any],
+    *,
+    stats: Any = None,
+    progress: bool = False,
 ) -> tuple[nn.Module, TensorizeReport]:
-    """Return a tensorized deep copy of ``model`` and its report. ``model`` is not modified."""
+    """Return a tensorized deep copy of ``model`` and its report. ``model`` is not modified.
+
+    ``stats`` (:class:`tnexp.calibration.InputStats`) holds the teacher's input Grams of the
+    selected layers; it is required by init ``whiten`` / ``als`` and layout ``auto``, and
+    with it the report gives every layer's relative output error on those inputs.
+    """
     spec = TensorizeSpec.from_config(spec)
     planned = plan_layers(model, spec)
+    need = [p.name for p in planned if _needs_stats(p)]
+    if need and stats is None:
+        _stats_gram(None, next(p for p in planned if p.name == need[0]))
     per_layer_cr = (
         solve_overall_cr(model, planned, spec.overall_cr) if spec.overall_cr is not None else None
     )
+    for item in planned:
+        if item.layout == "auto":
+            cr = item.rule.cr if per_layer_cr is None else per_layer_cr
+            _choose_layout(item, cr, spec, stats)
+    sizes: dict[str, dict[str, Any]] = {}
+    if spec.allocation == "adaptive":
+        sizes = _adaptive_sizes(model, planned, spec.overall_cr, spec, stats)
     student = copy.deepcopy(model)
     total_before = count_parameters(model)
     reports: list[LayerReport] = []
@@ -611,11 +865,15 @@ def tensorize(
         iterator = track(planned, description="tensorizing", total=len(planned))
     for item in iterator:
         cr = item.rule.cr if per_layer_cr is None else per_layer_cr
-        size = _size_for(item, cr)
+        size = sizes.get(item.name) or _size_for(item, cr)
         # Decompose the *student's* copy so the teacher's tensors are never touched.
         item_student = dataclasses.replace(item, module=student.get_submodule(item.name))
-        new = _build_layer(item_student, size, spec.contraction)
+        new, info = _build_layer(item_student, size, spec, stats)
         old = item_student.module
+        original, approx = _approx_matrices(item_student, new)
+        if stats is not None and item.name in stats:
+            info["output_error"] = output_error(original, approx, stats.gram(item.name))
+        info["weight_error"] = weight_error(original, approx)
         _set_submodule(student, item.name, new)
         weight_after = sum(
             p.numel() for n, p in new.named_parameters() if n != "bias" and "bias" not in n
@@ -630,13 +888,16 @@ def tensorize(
                 params_after=sum(p.numel() for p in new.parameters()),
                 weight_params_before=old.weight.numel(),
                 weight_params_after=weight_after,
-                cr_target=cr,
+                cr_target=None if "predicted_error" in size else cr,
                 init=item.rule.init,
                 ranks=list(new.ranks) if item.kind == "tucker" else None,
                 bond_dim=new.bond_dim if item.kind == "mpo" else None,
                 bonds=list(new.bonds) if item.kind == "mpo" else None,
                 in_factors=new.in_factors if item.kind == "mpo" else None,
                 out_factors=new.out_factors if item.kind == "mpo" else None,
+                layout=item.layout,
+                predicted_error=size.get("predicted_error"),
+                **info,
             )
         )
     report = TensorizeReport(
@@ -646,6 +907,7 @@ def tensorize(
         overall_cr_target=spec.overall_cr,
         per_layer_cr=per_layer_cr,
         contraction=spec.contraction,
+        allocation=spec.allocation,
     )
     return student, report
 

@@ -23,7 +23,7 @@ from tnexp.config import apply_smoke
 from tnexp.config import plain as _plain
 from tnexp.data.phased import PhasedDataModule
 from tnexp.errors import ConfigError, InputFileError
-from tnexp.factory import TensorizeSpec, count_parameters, save_tensorized, tensorize
+from tnexp.factory import count_parameters, save_tensorized
 from tnexp.integrity import atomic_write_json
 from tnexp.modules import (
     DivergenceGuard,
@@ -37,6 +37,7 @@ from tnexp.modules import (
 from tnexp.rundir import run_directory_lock
 from tnexp.slice_jobs import SliceJobOutput, cache_lock, prepare_stage, select_slices
 from tnexp.slicing import make_slice_plan
+from tnexp.student import build_student
 from tnexp.tasks import CausalLMTask, ClassificationTask
 
 log = logging.getLogger("tnexp")
@@ -157,12 +158,6 @@ def _tied_names(model: torch.nn.Module) -> dict[str, set[str]]:
     for name, tensor in model.state_dict(keep_vars=True).items():
         by_tensor.setdefault(id(tensor), set()).add(name)
     return {n: names - {n} for names in by_tensor.values() if len(names) > 1 for n in names}
-
-
-def tensorize_spec(cfg: DictConfig) -> TensorizeSpec:
-    t = OmegaConf.to_container(cfg.tensorize, resolve=True)
-    keys = ("rules", "exclude", "overall_cr", "contraction")
-    return TensorizeSpec.from_config({k: t[k] for k in keys if k in t})
 
 
 def build_module(
@@ -404,8 +399,7 @@ def _run_stage_locked(cfg: DictConfig, out: Path) -> dict[str, Any]:
         student = build_model(cfg)
     else:
         teacher = load_teacher(cfg)
-        student, report = tensorize(teacher, tensorize_spec(cfg), progress=True)
-        log.info("tensorized %d layers, model CR %.3f", len(report.layers), report.model_cr)
+        student, report = build_student(cfg, teacher, datamodule, task)
     module = build_module(cfg, teacher, student, task)
 
     feature_cache = None

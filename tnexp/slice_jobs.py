@@ -891,14 +891,14 @@ def _build_student(cfg: DictConfig) -> tuple[Any, Any, nn.Module, nn.Module, Any
     Same calls in the same order after the same seeding, so the tensorized layers get the
     same random init as in the jobs.
     """
-    from tnexp.factory import tensorize
-    from tnexp.run import build_datamodule, build_task, load_teacher, tensorize_spec
+    from tnexp.run import build_datamodule, build_task, load_teacher
+    from tnexp.student import build_student
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     task = build_task(cfg)
     teacher = load_teacher(cfg)
-    student, report = tensorize(teacher, tensorize_spec(cfg), progress=True)
+    student, report = build_student(cfg, teacher, datamodule, task)
     return datamodule, task, teacher, student, report
 
 
@@ -1048,9 +1048,9 @@ def run_capture(cfg: DictConfig) -> dict[str, Any]:
         build_feature_cache,
         feature_cache_dir,
         load_teacher,
-        tensorize_spec,
     )
     from tnexp.slicing import make_slice_plan
+    from tnexp.student import tensorize_spec
 
     cfg = prepare_stage(cfg)
     out = Path(cfg.paths.output_dir)
@@ -1059,9 +1059,12 @@ def run_capture(cfg: DictConfig) -> dict[str, Any]:
     datamodule = build_datamodule(cfg)
     teacher = load_teacher(cfg)
     spec = tensorize_spec(cfg)
-    # The plan needs only which layers are tensorized: skip SVD inits, keep the RNG intact.
+    # The plan needs only which layers are tensorized: skip SVD / data-aware inits and
+    # layout choices (no calibration), keep the RNG intact.
     spec = dataclasses.replace(
-        spec, rules=[dataclasses.replace(r, init="random") for r in spec.rules]
+        spec,
+        rules=[dataclasses.replace(r, init="random", layout="balanced") for r in spec.rules],
+        allocation="uniform",
     )
     with torch.random.fork_rng(devices=[]):
         student, _ = tensorize(teacher, spec)

@@ -23,7 +23,7 @@ from tnexp.features import FeatureCapture
 from tnexp.modules.guard import DivergenceGuard, NonFiniteLossError, TrainingDivergedError
 from tnexp.modules.losses import get_distillation_loss
 from tnexp.modules.optim import OptimizerConfig, build_optimizer, build_scheduler
-from tnexp.slicing import SlicePlan
+from tnexp.slicing import SlicePlan, first_tensor
 from tnexp.tn.mpo import MPOLinear
 from tnexp.tn.tucker import TuckerConv2d
 
@@ -39,6 +39,9 @@ class LocalConfig:
     trainable: str = "slice"  # slice: every parameter in a slice | tensorized: TN cores only
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     batch_size: int | None = None
+    # Log every slice's relative output error ||Y' - Y|| / ||Y|| (teacher inputs) at each
+    # validation, so convergence is visible per slice; costs one teacher forward per batch.
+    log_slice_errors: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.optimizer, dict) or not isinstance(self.optimizer, OptimizerConfig):
@@ -323,12 +326,37 @@ class TensorizationModule(L.LightningModule):
         outputs = self.task.forward(self.student, batch)
         loss = self.task.loss(outputs, batch)
         self.task.update_metrics(self.val_metrics, outputs, batch, loss)
+        if self._teacher_capture is not None and self.local_cfg.log_slice_errors:
+            self._accumulate_slice_errors(batch)
+
+    @torch.no_grad()
+    def _accumulate_slice_errors(self, batch: Any) -> None:
+        """Sum ``||Y' - Y||^2`` and ``||Y||^2`` per slice, each slice fed the teacher's input."""
+        assert self.plan is not None
+        teacher = self._teacher_capture(self.task.model_inputs(batch))
+        dtype = next(self.student.parameters()).dtype
+        sums = self.__dict__.setdefault("_slice_error_sums", {})
+        for s in self.plan:
+            f = teacher[s.name]
+            target = first_tensor(f.output).to(dtype)
+            prediction = first_tensor(s.forward(self.student, f.input.to(dtype), **f.kwargs))
+            err, ref = sums.get(s.name, (0.0, 0.0))
+            sums[s.name] = (
+                err + float((prediction - target).double().pow(2).sum()),
+                ref + float(target.double().pow(2).sum()),
+            )
 
     def on_validation_epoch_end(self) -> None:
         values = self.task.finalize(self.val_metrics.compute())
         self.val_metrics.reset()
         for name, value in values.items():
             self.log(f"val/{name}", value, prog_bar=name in ("top1", "ppl"), sync_dist=True)
+        sums = self.__dict__.pop("_slice_error_sums", None)
+        if sums:
+            errors = {n: (e / r) ** 0.5 if r > 0 else 0.0 for n, (e, r) in sums.items()}
+            for name, value in errors.items():
+                self.log(f"val/slice_rel_err/{name}", value)
+            self.log("val/slice_rel_err_mean", sum(errors.values()) / len(errors))
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)

@@ -283,6 +283,49 @@ class MPOLinear(nn.Module):
                 mpo.bias.copy_(layer.bias.detach())
         return mpo
 
+    @classmethod
+    def empty_like(
+        cls,
+        layer: nn.Module,
+        *,
+        bond_dim: int,
+        in_factors: Sequence[int],
+        out_factors: Sequence[int],
+        contraction: str = "auto",
+    ) -> MPOLinear:
+        """An uninitialised MPO shaped to replace ``layer`` (bias copied); fill with set_cores.
+
+        Draws no random numbers, so data-aware inits leave the RNG stream untouched.
+        """
+        weight = linear_weight_in_out(layer)
+        has_bias = getattr(layer, "bias", None) is not None
+        mpo = cls(
+            check_factors(weight.shape[0], in_factors, what="input"),
+            check_factors(weight.shape[1], out_factors, what="output"),
+            bond_dim,
+            bias=has_bias,
+            weight_layout="conv1d" if is_hf_conv1d(layer) else "linear",
+            contraction=contraction,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        if has_bias:
+            with torch.no_grad():
+                mpo.bias.copy_(layer.bias.detach())
+        return mpo
+
+    @torch.no_grad()
+    def set_cores(self, cores: Sequence[torch.Tensor]) -> None:
+        """Load cores ``(D_{k-1}, i_k, o_k, D_k)`` (cast to this layer's dtype and device)."""
+        if len(cores) != len(self.cores):
+            raise TensorizationError(f"expected {len(self.cores)} cores, got {len(cores)}.")
+        for param, core in zip(self.cores, cores, strict=True):
+            if tuple(param.shape) != tuple(core.shape):
+                raise TensorizationError(
+                    f"core shape {tuple(core.shape)} does not fit {tuple(param.shape)}."
+                )
+            param.copy_(core)
+
     # ------------------------------------------------------------------ weights
     def weight_in_out(self) -> torch.Tensor:
         """The dense ``(in, out)`` weight represented by the cores (differentiable)."""

@@ -1,0 +1,82 @@
+"""Data-aware tensorization inside stages: calibration once, reused, same init for every job."""
+
+import json
+
+import pytest
+import torch
+from stages import make_cfg
+
+from tnexp.calibration import CalibrationError
+from tnexp.run import build_datamodule, build_task, load_teacher, run_stage
+from tnexp.student import build_student
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    run_stage(make_cfg(out, "method=pretrain", "trainer.limit_train_batches=8"))
+    return out
+
+
+def _student(cfg):
+    datamodule, task = build_datamodule(cfg), build_task(cfg)
+    return build_student(cfg, load_teacher(cfg), datamodule, task, progress=False)
+
+
+def test_local_stage_with_als_init_reports_output_errors(teacher_dir, tmp_path):
+    cache = tmp_path / "cache"
+    overrides = [
+        "method=local",
+        f"teacher.path={teacher_dir}",
+        "tensorize.init=als",
+        "tensorize.calibration.num_batches=2",
+        "tensorize.als_sweeps=2",
+    ]
+    run_stage(make_cfg(tmp_path / "run", *overrides, cache_dir=cache))
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    layers = saved["tensorize"]["layers"]
+    assert all(0.0 <= layer["output_error"] < 1.0 for layer in layers)
+    assert all(layer["als_sweeps"] >= 1 for layer in layers)
+    metrics = next((tmp_path / "run" / "csv").glob("**/metrics.csv")).read_text()
+    assert "val/slice_rel_err_mean" in metrics and "val/slice_rel_err/" in metrics
+    files = list((cache / "calibration").glob("*.safetensors"))
+    assert len(files) == 1  # collected once, saved for reruns and slice jobs
+
+
+def test_every_job_reaches_the_same_init_and_rng(teacher_dir, tmp_path):
+    cfg = make_cfg(
+        tmp_path,
+        "method=local",
+        f"teacher.path={teacher_dir}",
+        "tensorize.init=als",
+        "tensorize.calibration.num_batches=2",
+        "tensorize.als_sweeps=1",
+    )
+    torch.manual_seed(5)
+    collected, report = _student(cfg)  # collects and saves the statistics
+    after_collect = torch.rand(3)
+    torch.manual_seed(5)
+    loaded, _ = _student(cfg)  # loads them
+    after_load = torch.rand(3)
+    for (name, a), b in zip(collected.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert torch.equal(after_collect, after_load)  # calibration leaves the RNG untouched
+    assert report.layers[0].output_error is not None
+
+
+def test_data_aware_init_without_calibration_batches_is_a_clear_error(teacher_dir, tmp_path):
+    cfg = make_cfg(
+        tmp_path,
+        "method=local",
+        f"teacher.path={teacher_dir}",
+        "tensorize.init=als",
+        "tensorize.calibration.num_batches=0",
+    )
+    with pytest.raises(CalibrationError, match="num_batches"):
+        _student(cfg)
+
+
+def test_svd_init_needs_no_calibration(teacher_dir, tmp_path):
+    cfg = make_cfg(tmp_path, "method=local", f"teacher.path={teacher_dir}", "tensorize.init=svd")
+    _student(cfg)
+    assert not (tmp_path / "cache" / "calibration").exists()

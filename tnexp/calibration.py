@@ -1,0 +1,302 @@
+"""Input statistics of the layers to tensorize, streamed from the teacher (calibration).
+
+One pass of the teacher over a few calibration batches accumulates, for every layer the
+factory will replace, the Gram matrix of its inputs (float64, as a running mean):
+
+* ``nn.Linear`` / HF ``Conv1D``: ``X^T X / n`` over every token, ``X`` of shape
+  ``(tokens, in)``;
+* ``nn.Conv2d``: the Gram of the unfolded input patches (``c_in*kh*kw`` square, with the
+  layer's own padding, stride and dilation), so that ``tr(dW^T G dW)`` is exactly the
+  mean squared output error of a kernel change ``dW``.
+
+Layers that receive the same input tensor in a forward (Llama's ``gate_proj`` and
+``up_proj``) share one Gram. The statistics are saved as safetensors next to a JSON
+header naming what produced them, so reruns and per-slice jobs load instead of
+recomputing; a file that does not match the teacher, data or layers is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from tnexp.tn.errors import TensorizationError
+from tnexp.tn.mpo import is_hf_conv1d
+
+FORMAT_VERSION = 1
+
+
+class CalibrationError(TensorizationError):
+    """Missing, empty, stale or corrupt calibration statistics."""
+
+
+@dataclass
+class InputStats:
+    """Per-layer input Gram matrices (mean over samples) and where they came from."""
+
+    grams: dict[str, torch.Tensor]  # owner layer name -> Gram (float64)
+    samples: dict[str, int]  # owner layer name -> rows averaged (tokens / patches)
+    aliases: dict[str, str] = field(default_factory=dict)  # layer -> owner sharing its input
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def owner(self, name: str) -> str:
+        return self.aliases.get(name, name)
+
+    def __contains__(self, name: str) -> bool:
+        return self.owner(name) in self.grams
+
+    def gram(self, name: str) -> torch.Tensor:
+        owner = self.owner(name)
+        if owner not in self.grams:
+            raise CalibrationError(
+                f"no input statistics for layer {name!r}: the calibration covered "
+                f"{sorted(self.grams)[:5]}... Recollect calibration for the layers you "
+                "tensorize (the file is keyed by the tensorization spec)."
+            )
+        return self.grams[owner]
+
+    @property
+    def layers(self) -> list[str]:
+        return sorted({*self.grams, *self.aliases})
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | Path) -> Path:
+        """Atomically write ``<path>`` (safetensors) with the metadata in its header."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = {
+            "format": str(FORMAT_VERSION),
+            "samples": json.dumps(self.samples),
+            "aliases": json.dumps(self.aliases),
+            "meta": json.dumps(self.meta, default=str),
+        }
+        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        save_file({k: v.contiguous() for k, v in self.grams.items()}, str(tmp), metadata=header)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, *, expect: Mapping[str, Any] | None = None) -> InputStats:
+        """Read statistics written by :meth:`save`; ``expect`` must match their ``meta``."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise CalibrationError(f"calibration statistics {path} do not exist.")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                grams = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            samples = json.loads(header["samples"])
+            aliases = json.loads(header["aliases"])
+            meta = json.loads(header["meta"])
+        except Exception as err:  # safetensors / json raise their own types on damage
+            raise CalibrationError(
+                f"calibration statistics {path} are unreadable ({err}); delete the file "
+                f"(rm {path}) and rerun to recollect them."
+            ) from None
+        if header.get("format") != str(FORMAT_VERSION):
+            raise CalibrationError(f"{path} has format {header.get('format')!r}; delete it.")
+        for key, value in (expect or {}).items():
+            if meta.get(key) != value:
+                raise CalibrationError(
+                    f"calibration statistics {path} were collected for another {key} "
+                    f"({meta.get(key)!r}, expected {value!r}); delete the file (rm {path}) "
+                    "to recollect."
+                )
+        for name, gram in grams.items():
+            if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
+                raise CalibrationError(f"{path}: Gram of {name} is not square; delete it.")
+            if not torch.isfinite(gram).all():
+                raise CalibrationError(f"{path}: Gram of {name} holds NaN/Inf; delete it.")
+        return cls(
+            grams=grams, samples={k: int(v) for k, v in samples.items()}, aliases=aliases, meta=meta
+        )
+
+
+def _linear_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _conv_rows(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(module.padding, str) or module.padding_mode != "zeros":
+        # 'same' padding / non-zero padding modes: pad as the layer does, then unfold.
+        raise CalibrationError(
+            f"calibration of a Conv2d with padding={module.padding!r}, "
+            f"padding_mode={module.padding_mode!r} is not supported; exclude the layer."
+        )
+    patches = F.unfold(
+        x,
+        module.kernel_size,
+        dilation=module.dilation,
+        padding=module.padding,
+        stride=module.stride,
+    )  # (B, c_in*kh*kw, L)
+    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
+def layer_input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The rows ``X`` whose Gram defines this layer's output error (tokens or patches)."""
+    if isinstance(module, nn.Conv2d):
+        return _conv_rows(module, x)
+    if isinstance(module, nn.Linear) or is_hf_conv1d(module):
+        return _linear_rows(module, x)
+    raise CalibrationError(f"no input statistics for a {type(module).__name__}.")
+
+
+class GramAccumulator:
+    """Forward pre-hooks that add each named layer's input Gram (float64 running sums)."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]):
+        self.model = model
+        self.names = list(names)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.aliases: dict[str, str] = {}
+        # Inputs seen in the current batch, kept alive so that a freed tensor's memory
+        # cannot be reused by another layer's input and be mistaken for a shared one.
+        self._seen: dict[tuple, tuple[str, torch.Tensor]] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> GramAccumulator:
+        for name in self.names:
+            module = self.model.get_submodule(name)
+            self._handles.append(module.register_forward_pre_hook(self._hook(name, module)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def new_batch(self) -> None:
+        self._seen.clear()
+
+    def _hook(self, name: str, module: nn.Module) -> Callable:
+        def hook(_module: nn.Module, args: tuple) -> None:
+            if not args or not isinstance(args[0], torch.Tensor):
+                raise CalibrationError(f"layer {name!r} was called without a tensor input.")
+            x = args[0].detach()
+            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, type(module))
+            owner = self._seen.get(key, (None, None))[0]
+            if owner is not None and owner != name:
+                if self.aliases.setdefault(name, owner) != owner:
+                    raise CalibrationError(f"layer {name!r} shares its input inconsistently.")
+                return
+            self._seen[key] = (name, x)
+            rows = layer_input_rows(module, x)
+            # One batch's Gram in the input's precision (float32 at least: 2-4x faster
+            # than float64 on CPUs), summed across batches in float64.
+            rows = rows if rows.dtype == torch.float64 else rows.float()
+            gram = (rows.T @ rows).double()
+            if name in self.sums:
+                self.sums[name] += gram
+            else:
+                self.sums[name] = gram
+            self.counts[name] = self.counts.get(name, 0) + rows.shape[0]
+
+        return hook
+
+    def stats(self, meta: Mapping[str, Any] | None = None) -> InputStats:
+        missing = [n for n in self.names if n not in self.sums and n not in self.aliases]
+        if missing:
+            raise CalibrationError(
+                f"layers {missing[:5]} never ran during calibration; they cannot be "
+                "initialised from data. Exclude them or check the model's forward."
+            )
+        # A layer is an alias only if it shared every batch; one that also saw its own
+        # input (never happens for gate/up) keeps its own Gram.
+        aliases = {k: v for k, v in self.aliases.items() if k not in self.sums}
+        grams = {n: (s / max(self.counts[n], 1)).cpu() for n, s in self.sums.items()}
+        return InputStats(grams, dict(self.counts), aliases, dict(meta or {}))
+
+
+@torch.no_grad()
+def collect_input_stats(
+    teacher: nn.Module,
+    layer_names: Sequence[str],
+    batches: Iterable[Any],
+    *,
+    model_inputs: Callable[[Any], Any],
+    num_batches: int,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    meta: Mapping[str, Any] | None = None,
+) -> InputStats:
+    """Run ``teacher`` on ``num_batches`` batches and return the layers' input Grams.
+
+    ``model_inputs(batch)`` turns a data batch into the model's input (a tensor, or a dict
+    of keyword arguments for HF models). The teacher is put in eval mode for the pass.
+    """
+    from tnexp.features import to_device
+
+    if num_batches < 1:
+        raise CalibrationError(
+            f"calibration needs at least one batch, got num_batches={num_batches}; set "
+            "tensorize.calibration.num_batches to a positive number."
+        )
+    was_training = teacher.training
+    teacher.eval()
+    home = next(iter(teacher.parameters()), torch.empty(0)).device
+    if device is not None:
+        teacher.to(device)
+    seen = 0
+    iterator = iter(batches)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_batches, desc="calibration", leave=False)
+    try:
+        with GramAccumulator(teacher, layer_names) as acc:
+            for batch in iterator:
+                if seen >= num_batches:
+                    break
+                acc.new_batch()
+                inputs = to_device(model_inputs(batch), device)
+                if isinstance(inputs, Mapping):
+                    teacher(**inputs)
+                else:
+                    teacher(inputs)
+                seen += 1
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        teacher.train(was_training)
+        teacher.to(home)
+    if seen == 0:
+        raise CalibrationError(
+            "the calibration data yielded no batch; check the data set (train split) or "
+            "lower tensorize.calibration.num_batches."
+        )
+    info = {**dict(meta or {}), "batches": seen}
+    return acc.stats(info)
+
+
+def stats_key(parts: Mapping[str, Any]) -> str:
+    """A short stable hash of what determines a statistics file."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+__all__ = [
+    "CalibrationError",
+    "GramAccumulator",
+    "InputStats",
+    "collect_input_stats",
+    "layer_input_rows",
+    "stats_key",
+]

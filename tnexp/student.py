@@ -1,0 +1,174 @@
+"""The tensorized student of a stage: the spec from the config, calibration, the factory.
+
+Every stage that tensorizes (local, global, hybrid, slice jobs, memory-bounded, assemble)
+builds its student with :func:`build_student`, so they all reach the same initialisation.
+Data-aware inits (``tensorize.init=whiten|als``, ``layout=auto``) need the teacher's input
+statistics: they are collected once from ``tensorize.calibration.num_batches`` training
+batches, saved under ``tensorize.calibration.dir`` (default ``<paths.cache_dir>/
+calibration``) keyed by teacher, data and layers, and loaded by every later run or job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from tnexp.calibration import CalibrationError, InputStats, collect_input_stats, stats_key
+from tnexp.factory import (
+    DATA_INITS,
+    TensorizeReport,
+    TensorizeSpec,
+    plan_layers,
+    tensorize,
+)
+
+log = logging.getLogger("tnexp")
+SPEC_KEYS = (
+    "rules",
+    "exclude",
+    "overall_cr",
+    "contraction",
+    "allocation",
+    "damping",
+    "als_sweeps",
+    "als_tol",
+)
+
+
+def tensorize_spec(cfg: DictConfig) -> TensorizeSpec:
+    """The factory's spec from ``cfg.tensorize`` (calibration settings stay in the config)."""
+    t = OmegaConf.to_container(cfg.tensorize, resolve=True)
+    return TensorizeSpec.from_config({k: t[k] for k in SPEC_KEYS if k in t})
+
+
+def needs_calibration(spec: TensorizeSpec) -> bool:
+    """Whether the spec asks for input statistics (data-aware init, layout or ranks)."""
+    return any(
+        r.init in DATA_INITS
+        or r.layout == "auto"
+        or (spec.allocation == "adaptive" and r.layout == "lowrank")
+        for r in spec.rules
+    )
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Leave python / numpy / torch RNG states as they were (calibration shuffles data).
+
+    A run that computes the statistics and one that loads them from disk must then draw
+    the same random numbers afterwards (random inits, data order): slice jobs rely on it.
+    """
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _device(cfg: DictConfig) -> torch.device | None:
+    if torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu":
+        return torch.device("cuda")
+    return None
+
+
+def calibration_stats(
+    cfg: DictConfig, teacher: torch.nn.Module, spec: TensorizeSpec, datamodule: Any, task: Any
+) -> InputStats | None:
+    """The teacher's input statistics for the spec's layers, loaded or collected once."""
+    if not needs_calibration(spec):
+        return None
+    from filelock import FileLock
+
+    from tnexp.features import teacher_fingerprint
+
+    cal = cfg.tensorize.get("calibration") or {}
+    num_batches = int(cal.get("num_batches") or 0)
+    if num_batches <= 0:
+        raise CalibrationError(
+            "the tensorization asks for a data-aware init (init whiten/als, layout auto or "
+            "adaptive low-rank ranks) but tensorize.calibration.num_batches is "
+            f"{num_batches}; set it to a positive number (e.g. 64) or use tensorize.init=svd."
+        )
+    names = [item.name for item in plan_layers(teacher, spec)]
+    fingerprint = teacher_fingerprint(teacher)
+    datamodule.setup("fit")
+    identity = {
+        "teacher": fingerprint,
+        "data": datamodule.identity() if hasattr(datamodule, "identity") else None,
+        "batch_size": OmegaConf.select(cfg, "data.batch_size"),
+        "seed": int(cfg.seed),
+        "num_batches": num_batches,
+        "layers": names,
+    }
+    key = stats_key(identity)
+    directory = Path(cal.get("dir") or Path(cfg.paths.cache_dir) / "calibration")
+    path = directory / f"{fingerprint[:12]}-{key}.safetensors"
+    directory.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):  # concurrent slice jobs: one collects, all load
+        if path.is_file():
+            log.info("calibration statistics loaded from %s", path)
+            return InputStats.load(path, expect={"key": key})
+        with preserved_rng():
+            stats = collect_input_stats(
+                teacher,
+                names,
+                datamodule.train_dataloader(),
+                model_inputs=task.model_inputs,
+                num_batches=num_batches,
+                device=_device(cfg),
+                progress=cfg.callbacks.get("progress_bar", "none") != "none",
+                meta={"key": key, "layers": len(names)},
+            )
+        stats.save(path)
+        log.info("calibration statistics (%d batches) saved to %s", stats.meta["batches"], path)
+    return stats
+
+
+def build_student(
+    cfg: DictConfig,
+    teacher: torch.nn.Module,
+    datamodule: Any,
+    task: Any,
+    *,
+    spec: TensorizeSpec | None = None,
+    progress: bool = True,
+) -> tuple[torch.nn.Module, TensorizeReport]:
+    """Tensorize ``teacher`` as ``cfg.tensorize`` says, with calibration when it needs it."""
+    spec = spec or tensorize_spec(cfg)
+    stats = calibration_stats(cfg, teacher, spec, datamodule, task)
+    student, report = tensorize(teacher, spec, stats=stats, progress=progress)
+    errors = [layer.output_error for layer in report.layers if layer.output_error is not None]
+    if errors:
+        log.info(
+            "tensorized %d layers, model CR %.3f; relative output error on the calibration "
+            "inputs: mean %.3f, max %.3f",
+            len(report.layers),
+            report.model_cr,
+            sum(errors) / len(errors),
+            max(errors),
+        )
+    else:
+        log.info("tensorized %d layers, model CR %.3f", len(report.layers), report.model_cr)
+    return student, report
+
+
+__all__ = [
+    "build_student",
+    "calibration_stats",
+    "needs_calibration",
+    "preserved_rng",
+    "tensorize_spec",
+]
