@@ -37,7 +37,10 @@ from tnexp.modules import (
 from tnexp.rundir import run_directory_lock
 from tnexp.slice_jobs import SliceJobOutput, cache_lock, prepare_stage, select_slices
 from tnexp.slicing import make_slice_plan
-from tnexp.student import build_student
+from tnexp.student import (
+    build_student,
+    tensorize_spec,  # noqa: F401  (tests and notebooks import it here)
+)
 from tnexp.tasks import CausalLMTask, ClassificationTask
 
 log = logging.getLogger("tnexp")
