@@ -321,6 +321,9 @@ class Run:
     def status(self) -> str:
         if self.results.get("skipped"):
             return "skipped (slice job already done)"
+        if self.results.get("status") == "failed":  # written by tnexp.run on a failed fit
+            error = self.results.get("error") or {}
+            return f"failed ({error.get('type', 'error')}: {str(error.get('message'))[:80]})"
         if self.problems:
             return f"unknown layout (no {', '.join(self.problems)})"
         if self.is_slice_job:

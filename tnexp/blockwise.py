@@ -78,6 +78,8 @@ from tnexp.features import (
     _StopForward,
     to_device,
 )
+from tnexp.integrity import atomic_write_json
+from tnexp.modules.guard import DivergenceGuard
 from tnexp.modules.losses import get_distillation_loss
 from tnexp.modules.optim import build_optimizer, build_scheduler
 from tnexp.modules.tensorization import LocalConfig, NonFiniteLossError
@@ -143,6 +145,9 @@ class BlockwiseConfig:
     assemble: bool = True  # put the trained student together at the end
     progress: bool = True
     log_every_n_steps: int = 10
+    # Stop a stage whose loss exceeds this factor times its lowest loss (guard.*; None:
+    # NaN/Inf only), as in the normal mode (tnexp/modules/guard.py).
+    divergence_factor: float | None = 1.0e4
 
     def __post_init__(self) -> None:
         if self.offload not in OFFLOADS:
@@ -1197,9 +1202,7 @@ def distill_blockwise(
                 )
 
         def save_manifest() -> None:
-            tmp = manifest_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(manifest, indent=2))
-            os.replace(tmp, manifest_path)
+            atomic_write_json(manifest_path, manifest)
 
         save_manifest()
 
@@ -1439,6 +1442,7 @@ def _train_stage(
     optimizer = build_optimizer([{"params": list(params.values())}], local.optimizer)
     scheduler = build_scheduler(optimizer, local.optimizer, sum(len(e) for e in schedule))
     total_steps = sum(len(e) for e in schedule)
+    guard = DivergenceGuard(factor=config.divergence_factor)
     bar = tqdm(
         total=total_steps,
         desc=f"stage {stage.index} {stage.name}",
@@ -1488,6 +1492,9 @@ def _train_stage(
                             )
                         losses[s.name] = loss
                 total = torch.stack(list(losses.values())).sum()
+                guard.check(
+                    total, phase="local", what=f"stage {stage.name!r} loss", step=step, epoch=epoch
+                )
                 total.backward()
                 if config.gradient_clip_val is not None:
                     if config.gradient_clip_algorithm == "norm":
@@ -1640,6 +1647,7 @@ def run_memory_bounded_stage(cfg: Any) -> dict[str, Any]:
         resume=cfg.resume == "auto",
         progress=cfg.callbacks.progress_bar != "none",
         log_every_n_steps=int(trainer.log_every_n_steps or 10),
+        divergence_factor=(cfg.get("guard") or {}).get("divergence_factor", 1.0e4),
     )
     if cfg.resume not in (None, False, "auto"):
         raise BlockwiseError(
@@ -1772,7 +1780,7 @@ def run_memory_bounded_stage(cfg: Any) -> dict[str, Any]:
         "runtime": runtime_record(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    atomic_write_json(out / "results.json", results)
     log.info("results written to %s", out / "results.json")
     for logger in loggers:
         logger.log_metrics(final, step=result.steps_per_stage)

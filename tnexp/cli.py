@@ -1,9 +1,16 @@
-"""The `tnexp` command: a Hydra app over configs/ (see configs/train.yaml)."""
+"""The `tnexp` command: a Hydra app over configs/ (see configs/train.yaml).
+
+Errors the user can fix (the :class:`tnexp.errors.TnexpError` family, config errors found
+by Hydra, an unwritable run directory) end the command with one message on stderr and exit
+status 2: the message is the last thing printed. ``HYDRA_FULL_ERROR=1`` shows the full
+traceback instead. Other exceptions are bugs and keep their traceback (exit status 1).
+"""
 
 from __future__ import annotations
 
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +27,7 @@ if not Path(CONFIG_DIR).is_dir():  # installed as a wheel: configs ship inside t
 # The config a run folder was started with, read before Hydra rewrites its .hydra/
 # (`hydra.run.dir=<dir> resume=auto`; tnexp/restore.py).
 _SAVED_RUN: SavedRun | None = None
+USAGE_ERROR = 2
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
@@ -37,6 +45,51 @@ def _app(cfg: DictConfig) -> None:
     run(cfg)
 
 
+def _causes(err: BaseException) -> list[BaseException]:
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:
+        chain.append(err)
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return chain
+
+
+def user_error_message(err: BaseException) -> str | None:
+    """The one-message form of a user-fixable error, or None for anything else (a bug)."""
+    from hydra.errors import CompactHydraException
+
+    from tnexp.errors import TnexpError
+
+    chain = _causes(err)
+    for item in chain:
+        if isinstance(item, TnexpError):
+            return f"tnexp: error: {item}"
+    if isinstance(err, CompactHydraException):  # unknown config group option, bad override
+        # The search path listing Hydra appends is noise for the user: the options are above.
+        return f"tnexp: error: {str(err).split('Config search path:')[0].rstrip()}"
+    denied = next((c for c in chain if isinstance(c, OSError)), None)
+    before_task = not _reached_task(err)
+    if denied is not None and before_task:
+        # Hydra could not create the run directory or open its log file there (it reports
+        # "Unable to configure handler 'file'"); name the real cause.
+        return (
+            f"tnexp: error: cannot write the run directory ({type(denied).__name__}: "
+            f"{denied}). Choose a writable one with hydra.run.dir=<dir> (or fix its "
+            "permissions)."
+        )
+    return None
+
+
+def _reached_task(err: BaseException) -> bool:
+    """Whether the exception passed through the task function (else Hydra's own setup)."""
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is _app.__wrapped__.__code__:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def main() -> None:
     global _SAVED_RUN
     from tnexp.config import check_experiment_overrides
@@ -49,9 +102,26 @@ def main() -> None:
         _SAVED_RUN = saved_run(sys.argv[1:])
     except ValueError as err:  # before Hydra starts: no run folder for a run that cannot run
         print(f"tnexp: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(USAGE_ERROR)
+    full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    # Hydra re-raises instead of printing its own trimmed traceback; we report below.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         _app()
+    except Exception as err:
+        if full:
+            raise
+        message = user_error_message(err)
+        if message is None:
+            traceback.print_exc()
+            print(
+                "tnexp: unexpected error (a bug?); the traceback is above.",
+                file=sys.stderr,
+            )
+            sys.exit(1)
+        sys.stderr.flush()
+        print(message, file=sys.stderr)
+        sys.exit(USAGE_ERROR)
     finally:
         _SAVED_RUN = None  # belongs to this command only (main() may run again in-process)
 

@@ -12,6 +12,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from tnexp.errors import ConfigError
+
 __all__ = [
     "SMOKE_GROUPS",
     "UnknownExperimentError",
@@ -84,11 +86,41 @@ if not OmegaConf.has_resolver("tnexp.unique_path"):
 SMOKE_GROUPS = ("data", "model", "tensorize", "method", "trainer", "eval")
 
 
-def apply_smoke(cfg: DictConfig) -> DictConfig:
-    """Apply (``cfg.smoke`` true) or drop the ``smoke:`` blocks of ``cfg``, in place."""
+def command_line_overrides() -> list[str]:
+    """The ``key=value`` overrides of the running Hydra app (empty outside one)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return [str(o) for o in HydraConfig.get().overrides.task]
+    except (ImportError, ValueError):
+        pass
+    return []
+
+
+def _override_keys(overrides: list[str]) -> list[str]:
+    """Dotted config keys set by overrides (group choices such as ``model=gpt2`` excluded)."""
+    keys = []
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if "=" in item and "." in key and "@" not in key and key.split(".")[0] in SMOKE_GROUPS:
+            keys.append(key)
+    return keys
+
+
+def apply_smoke(cfg: DictConfig, overrides: list[str] | None = None) -> DictConfig:
+    """Apply (``cfg.smoke`` true) or drop the ``smoke:`` blocks of ``cfg``, in place.
+
+    Values set on the command line (``overrides``; by default the running Hydra app's) win
+    over the smoke blocks: ``smoke=true trainer.max_epochs=3`` runs 3 epochs. An override
+    of a key that the smoke model no longer has (a smoke block can swap the model) is
+    refused with a clear error instead of being dropped.
+    """
     enabled = cfg.get("smoke", False)
     if not isinstance(enabled, bool):
-        raise ValueError(f"smoke must be true or false, got {enabled!r} (e.g. smoke=true).")
+        raise ConfigError(f"smoke must be true or false, got {enabled!r} (e.g. smoke=true).")
+    keys = _override_keys(command_line_overrides() if overrides is None else overrides)
+    explicit = {k: OmegaConf.select(cfg, k, default=None) for k in keys} if enabled else {}
     with open_dict(cfg):
         for group in SMOKE_GROUPS:
             node = cfg.get(group)
@@ -102,11 +134,22 @@ def apply_smoke(cfg: DictConfig) -> DictConfig:
                 cfg[group] = block
             else:
                 cfg[group] = OmegaConf.merge(node, block)
-        if enabled and "local_epochs" in cfg.method:
+        if enabled and "local_epochs" in cfg.method and "trainer.max_epochs" not in explicit:
             # A hybrid smoke run must still reach its global phase.
             cfg.trainer.max_epochs = max(
                 int(cfg.trainer.max_epochs or 1), int(cfg.method.local_epochs) + 1
             )
+        for key, value in explicit.items():
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(cfg, parent, default=None)
+            if not isinstance(node, DictConfig) or leaf not in node:
+                target = OmegaConf.select(cfg, f"{key.split('.')[0]}._target_", default=None)
+                raise ConfigError(
+                    f"smoke=true replaces {key.split('.')[0]} by a small stand-in ({target}) "
+                    f"that has no {key}, so the command-line override {key}={value} cannot "
+                    f"apply. Drop the override, or run without smoke=true."
+                )
+            OmegaConf.update(cfg, key, value, merge=False)
     return cfg
 
 
@@ -120,7 +163,7 @@ def plain(node: Any) -> Any:
 
 
 # ------------------------------------------------------------------ experiment names
-class UnknownExperimentError(ValueError):
+class UnknownExperimentError(ConfigError):
     """An ``experiment=<name>`` on the command line names no file under configs/experiment."""
 
 

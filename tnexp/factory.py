@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tnexp.errors import IntegrityError
+from tnexp.integrity import atomic_write_json, checksum_matches, file_checksum
 from tnexp.tn.allocation import allocate_ranks, relative_tail_error
 from tnexp.tn.datainit import (
     DEFAULT_DAMPING,
@@ -113,6 +115,13 @@ class TensorizeRule:
                 setattr(self, attr, [int(v) for v in value])
         if sum(x is not None for x in (self.ranks, self.bond_dim)) > 1:
             raise TensorizationError(f"rule {self.pattern!r}: give ranks= or bond_dim=, not both.")
+        if self.cr is not None and self.has_explicit_size:
+            # Which one wins is not obvious, so neither is silently dropped.
+            given = "ranks" if self.ranks is not None else "bond_dim"
+            raise TensorizationError(
+                f"rule {self.pattern!r}: cr={self.cr} and {given}= both set the layer size; "
+                f"keep one of them (cr solves the {given} from the compression rate)."
+            )
 
     @property
     def has_explicit_size(self) -> bool:
@@ -140,7 +149,7 @@ class TensorizeSpec:
     als_tol: float = 1e-4
 
     def __post_init__(self) -> None:
-        self.rules = [r if isinstance(r, TensorizeRule) else TensorizeRule(**r) for r in self.rules]
+        self.rules = [rule_from_config(r, i) for i, r in enumerate(self.rules)]
         self.exclude = [str(e) for e in self.exclude]
         if not self.rules:
             raise TensorizationError("a tensorization spec needs at least one rule.")
@@ -197,13 +206,55 @@ class TensorizeSpec:
             raise TensorizationError(
                 f"unknown tensorization spec keys {sorted(unknown)}; known: {sorted(known)}."
             )
-        rules = [
-            r if isinstance(r, TensorizeRule) else TensorizeRule(**dict(r)) for r in cfg["rules"]
-        ]
+        if not isinstance(cfg.get("rules"), Sequence) or isinstance(cfg.get("rules"), str):
+            raise TensorizationError(
+                f"a tensorization spec needs a list of rules, got rules={cfg.get('rules')!r}; "
+                "e.g. rules: [{pattern: 'layer*.*.conv*', cr: 0.5}]."
+            )
+        rules = [rule_from_config(r, i) for i, r in enumerate(cfg["rules"])]
         return cls(**{**{k: v for k, v in cfg.items() if k in known}, "rules": rules})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def rule_from_config(rule: Any, index: int = 0) -> TensorizeRule:
+    """A :class:`TensorizeRule` from a mapping, refusing unknown keys and a missing pattern.
+
+    Errors name the rule (its index and pattern) and list the keys a rule may have.
+    """
+    if isinstance(rule, TensorizeRule):
+        return rule
+    if not isinstance(rule, Mapping):
+        raise TensorizationError(
+            f"rule {index} must be a mapping such as {{pattern: 'layer*.*.conv*', cr: 0.5}}, "
+            f"got {rule!r}."
+        )
+    known = [f.name for f in dataclasses.fields(TensorizeRule)]
+    pattern = rule.get("pattern")
+    label = f"rule {index} ({pattern!r})" if isinstance(pattern, str) else f"rule {index}"
+    unknown = [k for k in rule if k not in known]
+    if unknown:
+        close = {k: difflib.get_close_matches(str(k), known, n=1) for k in unknown}
+        hints = "; ".join(f"{k!r}: did you mean {c[0]!r}?" for k, c in close.items() if c)
+        raise TensorizationError(
+            f"{label}: unknown key(s) {unknown}{' (' + hints + ')' if hints else ''}. A rule "
+            f"takes {known}."
+        )
+    if not isinstance(pattern, str) or not pattern or pattern.lower() in ("none", "null"):
+        raise TensorizationError(
+            f"{label}: pattern is missing or empty (got {pattern!r}); give a glob over module "
+            "paths, e.g. pattern: 'layer*.*.conv*' or 'transformer.h.*.mlp.c_fc'."
+        )
+    try:
+        return TensorizeRule(**dict(rule))
+    except TensorizationError:
+        raise
+    except (TypeError, ValueError) as err:  # e.g. ranks: 3 or cr: "half"
+        raise TensorizationError(
+            f"{label}: {err}. Check the value types: cr a float in (0, 1), ranks [r_out, "
+            "r_in], bond_dim an int, in_factors/out_factors lists of ints."
+        ) from None
 
 
 # =========================================================================== report
@@ -461,6 +512,7 @@ def plan_layers(model: nn.Module, spec: TensorizeSpec) -> list[_Planned]:
             )
         item = _Planned(name, module, kind, rule)
         if kind == "mpo":
+            _check_factor_lists(name, rule)
             in_dim, out_dim = linear_weight_in_out(module).shape
             item.layout = rule.layout
             if rule.layout == "lowrank":
@@ -484,6 +536,23 @@ def plan_layers(model: nn.Module, spec: TensorizeSpec) -> list[_Planned]:
             "the spec selects no module: every match was excluded. Check `exclude`."
         )
     return planned
+
+
+def _check_factor_lists(name: str, rule: TensorizeRule) -> None:
+    """One input and one output factor per MPO site: the lists and num_sites must agree."""
+    lengths = [len(v) for v in (rule.in_factors, rule.out_factors) if v]
+    where = f"{name} (rule {rule.pattern!r})"
+    if len(set(lengths)) > 1:
+        raise TensorizationError(
+            f"{where}: in_factors {rule.in_factors} and out_factors {rule.out_factors} have "
+            "different lengths; an MPO has one input and one output factor per site, so give "
+            "lists of equal length (or one of them only)."
+        )
+    if lengths and rule.num_sites != 2 and rule.num_sites != lengths[0]:
+        raise TensorizationError(
+            f"{where}: num_sites={rule.num_sites} but the factor lists have {lengths[0]} "
+            "entries; drop num_sites or make them agree."
+        )
 
 
 def lowrank_factors(in_dim: int, out_dim: int) -> tuple[list[int], list[int]]:
@@ -881,13 +950,23 @@ def save_tensorized(
     ``base_config`` is a Hydra-style ``{"_target_": ..., ...}`` that builds the dense
     architecture; with it, :func:`load_tensorized` needs nothing but the directory.
     """
+    import os
+
     from safetensors.torch import save_model
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(directory / WEIGHTS_FILE))  # handles tied weights
-    payload = {"report": report.to_dict(), "base_config": dict(base_config or {}) or None}
-    (directory / SPEC_FILE).write_text(json.dumps(payload, indent=2, default=_json_default))
+    weights = directory / WEIGHTS_FILE
+    tmp = directory / f".{WEIGHTS_FILE}.{os.getpid()}.tmp"
+    save_model(model, str(tmp))  # handles tied weights
+    os.replace(tmp, weights)  # never a half-written weights file under the real name
+    payload = {
+        "report": report.to_dict(),
+        "base_config": dict(base_config or {}) or None,
+        # Written last: the JSON is the commit marker and carries the weights' checksum.
+        "weights_checksum": file_checksum(weights),
+    }
+    atomic_write_json(directory / SPEC_FILE, payload, default=_json_default)
     return directory
 
 
@@ -903,27 +982,46 @@ def load_tensorized(
     directory: str | Path, base: nn.Module | None = None
 ) -> tuple[nn.Module, TensorizeReport]:
     """Rebuild a saved tensorized model: build (or take) the dense base, re-tensorize with
-    the recorded shapes (random init, no SVD), then load the weights strictly."""
+    the recorded shapes (random init, no SVD), then load the weights strictly.
+
+    Nothing in the folder is executed: the base is built only by one of tnexp's own model
+    builders (:mod:`tnexp.models.builders`), and the weights are safetensors whose checksum
+    (recorded in ``tensorize.json``) is verified first.
+    """
     from safetensors.torch import load_model
 
     directory = Path(directory)
     spec_path, weights_path = directory / SPEC_FILE, directory / WEIGHTS_FILE
+    resave = "re-save the model (or copy the folder again from a good source)"
     for path in (spec_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path} is missing: {directory} is not a saved tensorized model "
                 "(expected files written by tnexp.factory.save_tensorized)."
             )
-    payload = json.loads(spec_path.read_text())
-    report = TensorizeReport.from_dict(payload["report"])
+    try:
+        payload = json.loads(spec_path.read_text())
+        report = TensorizeReport.from_dict(payload["report"])
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise IntegrityError(
+            f"{spec_path} is not a readable tensorize.json ({type(err).__name__}: {err}); {resave}."
+        ) from None
+    recorded = payload.get("weights_checksum")
+    if recorded is not None and not checksum_matches(weights_path, recorded):
+        raise IntegrityError(
+            f"{weights_path} fails the checksum recorded in {spec_path}: the weights were "
+            f"damaged or replaced after saving; {resave}."
+        )
     if base is None:
         if not payload.get("base_config"):
             raise TensorizationError(
                 f"{spec_path} records no base_config; pass the dense architecture as base=."
             )
-        from hydra.utils import instantiate
+        from tnexp.models.builders import build_registered
 
-        base = instantiate(payload["base_config"])
+        if not isinstance(payload["base_config"], Mapping):
+            raise IntegrityError(f"{spec_path}: base_config is not a mapping; {resave}.")
+        base = build_registered(payload["base_config"], source=str(spec_path))
     with torch.random.fork_rng(devices=[]):
         student, _ = tensorize(base, report.resolved_spec())
     try:
@@ -932,6 +1030,11 @@ def load_tensorized(
         raise TensorizationError(
             f"the weights in {weights_path} do not fit the rebuilt model ({err}). Was the "
             "base architecture the one used when saving?"
+        ) from None
+    except Exception as err:  # safetensors' own error types: truncated or corrupt header
+        raise IntegrityError(
+            f"{weights_path} is not a readable safetensors file ({type(err).__name__}: "
+            f"{err}); {resave}."
         ) from None
     return student, report
 
@@ -945,6 +1048,7 @@ __all__ = [
     "load_tensorized",
     "merge_for_inference",
     "plan_layers",
+    "rule_from_config",
     "save_tensorized",
     "set_contraction",
     "solve_overall_cr",

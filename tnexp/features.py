@@ -21,6 +21,7 @@ import inspect
 import json
 import os
 import shutil
+import socket
 import uuid
 from bisect import bisect_right
 from collections import OrderedDict
@@ -33,6 +34,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Sampler
 
+from tnexp.errors import IntegrityError, TnexpError
+from tnexp.integrity import atomic_write_json, checksum_matches, sha256_file, tensor_checksum
 from tnexp.slicing import Slice, SlicePlan, SlicePlanError, first_tensor
 
 __all__ = [
@@ -41,13 +44,16 @@ __all__ = [
     "MANIFEST_FILE",
     "FeatureCacheDataset",
     "FeatureCacheError",
+    "FeatureCacheIntegrityError",
     "FeatureCacheManifest",
     "FeatureCapture",
     "ShardGroupedSampler",
     "ShardInfo",
     "SliceFeatures",
+    "clean_partials",
     "collate_features",
     "open_feature_cache",
+    "sha256_file",
     "teacher_fingerprint",
     "write_feature_cache",
 ]
@@ -59,11 +65,22 @@ CACHE_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float32": torch.float32,
 }
-_REMEDY = "delete the directory or re-run the capture with overwrite=true"
 
 
-class FeatureCacheError(RuntimeError):
+def _remedy(directory: Path) -> str:
+    """The fix for a cache that cannot be used: options that exist, and the exact path."""
+    return (
+        f"recapture it with method.cache.overwrite=true (overwrite=True in Python), or delete "
+        f"it: rm -rf {directory}"
+    )
+
+
+class FeatureCacheError(TnexpError, RuntimeError):
     """A feature cache that is missing, incomplete, corrupt, or does not match the request."""
+
+
+class FeatureCacheIntegrityError(FeatureCacheError, IntegrityError):
+    """Cached data that fails its checksum, or non-finite features refused at capture."""
 
 
 # =========================================================================== online capture
@@ -410,7 +427,10 @@ class ShardInfo:
     file: str
     num_samples: int
     bytes: int
-    sha256: str
+    sha256: str  # of the whole file (verify_checksums=true re-hashes it)
+    # Per-tensor checksums (tnexp.integrity), verified when a tensor is first read; None in
+    # caches written before they existed (the whole file is verified instead).
+    checksums: dict[str, str] | None = None
 
 
 @dataclass
@@ -455,17 +475,54 @@ def _normalize_identity(identity: Mapping[str, Any] | None) -> dict[str, Any]:
     return json.loads(_canonical_json(dict(identity or {})))
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file, read in chunks (cache shards, slice-job weights)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _partials(directory: Path) -> list[Path]:
     return sorted(directory.parent.glob(f"{directory.name}.partial-*"))
+
+
+def _partial_name(directory: Path) -> Path:
+    # Host and PID in the name tell a later run whether the capture that wrote it is dead.
+    host = socket.gethostname().replace("-", "_")
+    suffix = f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return directory.parent / f"{directory.name}.partial-{suffix}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_partials(directory: str | Path) -> list[Path]:
+    """Remove ``<directory>.partial-*`` left by killed captures on this host; report others.
+
+    Returns the removed paths. Leftovers of live captures, or of other hosts (whose PIDs
+    cannot be checked from here), are kept and logged with the command that removes them.
+    """
+    import logging
+
+    log = logging.getLogger("tnexp")
+    directory = Path(directory)
+    host = socket.gethostname().replace("-", "_")
+    removed = []
+    for partial in _partials(directory):
+        parts = partial.name.rsplit(".partial-", 1)[1].rsplit("-", 2)
+        pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+        if parts[0] == host and pid is not None and not _pid_alive(pid):
+            shutil.rmtree(partial, ignore_errors=True)
+            removed.append(partial)
+            log.warning("removed %s, left by a killed feature capture (PID %d)", partial, pid)
+        else:
+            log.warning(
+                "%s is an unfinished feature capture of another live process or host; if "
+                "that capture is dead, remove it: rm -rf %s",
+                partial,
+                partial,
+            )
+    return removed
 
 
 # =========================================================================== open / verify
@@ -480,8 +537,9 @@ def _read_manifest(directory: Path) -> FeatureCacheManifest:
         raise FeatureCacheError(
             f"no complete feature cache at {directory}: it {state} no {MANIFEST_FILE} (the "
             f"manifest is written last, so the capture never ran, is still running, or was "
-            f"interrupted: an incomplete capture).{where} Re-run the capture (and remove "
-            "leftover *.partial-* directories of dead runs)."
+            f"interrupted: an incomplete capture).{where} Re-run the capture (it removes "
+            "leftover *.partial-* directories of killed captures on this host; the .lock file "
+            "beside the cache is reused and harmless)."
         )
     try:
         data = json.loads(path.read_text())
@@ -489,12 +547,12 @@ def _read_manifest(directory: Path) -> FeatureCacheManifest:
         if version is not None and version != FORMAT_VERSION:
             raise FeatureCacheError(
                 f"feature cache {directory} has format version {version}, this tnexp reads "
-                f"version {FORMAT_VERSION}; {_REMEDY}."
+                f"version {FORMAT_VERSION}; {_remedy(directory)}."
             )
         manifest = FeatureCacheManifest.from_dict(data)
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, AttributeError) as err:
         raise FeatureCacheError(
-            f"{path} is unreadable or corrupt ({type(err).__name__}: {err}); {_REMEDY}."
+            f"{path} is unreadable or corrupt ({type(err).__name__}: {err}); {_remedy(directory)}."
         ) from None
     return manifest
 
@@ -512,8 +570,8 @@ def _check_plan(manifest: FeatureCacheManifest, plan: SlicePlan, directory: Path
     if problems:
         raise FeatureCacheError(
             f"slice-plan mismatch with the feature cache at {directory}: {'; '.join(problems)}. "
-            f"Cached slices: {list(cached)}. Request a subset of those, or {_REMEDY} for this "
-            "plan."
+            f"Cached slices: {list(cached)}. Request a subset of those, or "
+            f"{_remedy(directory)}."
         )
 
 
@@ -541,7 +599,7 @@ def open_feature_cache(
         raise FeatureCacheError(
             f"stale feature cache at {directory}: it was captured from another teacher "
             f"(fingerprint {manifest.teacher_fingerprint[:12]}..., the current teacher is "
-            f"{teacher_fingerprint[:12]}...); {_REMEDY}."
+            f"{teacher_fingerprint[:12]}...); {_remedy(directory)}."
         )
     if dataset_identity is not None:
         want = _normalize_identity(dataset_identity)
@@ -553,28 +611,29 @@ def open_feature_cache(
             )
             raise FeatureCacheError(
                 f"dataset identity mismatch with the feature cache at {directory} ({diffs}); "
-                f"{_REMEDY}."
+                f"{_remedy(directory)}."
             )
     if dtype is not None and manifest.dtype != dtype:
         raise FeatureCacheError(
             f"the feature cache at {directory} stores {manifest.dtype}, {dtype} was requested; "
-            f"{_REMEDY}, or request dtype={manifest.dtype}."
+            f"{_remedy(directory)}, or request method.cache.dtype={manifest.dtype}."
         )
     if plan is not None:
         _check_plan(manifest, plan, directory)
     for shard in manifest.shards:
         path = directory / shard.file
         if not path.is_file():
-            raise FeatureCacheError(f"feature cache shard {path} is missing; {_REMEDY}.")
+            raise FeatureCacheError(f"feature cache shard {path} is missing; {_remedy(directory)}.")
         size = path.stat().st_size
         if size != shard.bytes:
             raise FeatureCacheError(
                 f"feature cache shard {path} has {size} bytes, the manifest records "
-                f"{shard.bytes} (truncated or overwritten); {_REMEDY}."
+                f"{shard.bytes} (truncated or overwritten); {_remedy(directory)}."
             )
-        if verify_checksums and sha256_file(path) != shard.sha256:
-            raise FeatureCacheError(
-                f"feature cache shard {path} fails its sha256 checksum (corrupt); {_REMEDY}."
+        if verify_checksums and not checksum_matches(path, shard.sha256):
+            raise FeatureCacheIntegrityError(
+                f"feature cache shard {path} fails its sha256 checksum (corrupt); "
+                f"{_remedy(directory)}."
             )
     wanted = list(slices) if slices is not None else (plan.names() if plan is not None else None)
     return FeatureCacheDataset(
@@ -631,6 +690,7 @@ class FeatureCacheDataset(Dataset):
         self._starts = [sum(counts[:i]) for i in range(len(counts))]
         self.shard_ranges = [(a, a + n) for a, n in zip(self._starts, counts)]
         self._cache: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+        self._verified: set[int] = set()  # shards whose tensors passed their checksums
 
     @property
     def dtype(self) -> torch.dtype:
@@ -660,14 +720,34 @@ class FeatureCacheDataset(Dataset):
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 tensors = {k: handle.get_tensor(k) for k in self._keys()}
         except Exception as err:  # safetensors raises its own error types
-            raise FeatureCacheError(
+            raise FeatureCacheIntegrityError(
                 f"cannot load feature cache shard {path} ({type(err).__name__}: {err}); it is "
-                f"truncated or corrupt: {_REMEDY}."
+                f"truncated or corrupt: {_remedy(self.directory)}."
             ) from None
+        if index not in self._verified:
+            self._verify(index, path, tensors)
+            self._verified.add(index)
         self._cache[index] = tensors
         while len(self._cache) > self.max_cached_shards:
             self._cache.popitem(last=False)
         return tensors
+
+    def _verify(self, index: int, path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Check the tensors just read against the checksums recorded at capture.
+
+        Hashing only what was read costs a fraction of the epoch (docs/benchmarks.md) and
+        catches same-size damage that the size check in open_feature_cache cannot.
+        """
+        expected = self.manifest.shards[index].checksums
+        if expected is None:  # cache from before per-tensor checksums: the whole file
+            bad = [] if checksum_matches(path, self.manifest.shards[index].sha256) else ["file"]
+        else:
+            bad = [k for k, t in tensors.items() if tensor_checksum(t) != expected.get(k)]
+        if bad:
+            raise FeatureCacheIntegrityError(
+                f"feature cache shard {path} fails its checksum ({', '.join(bad[:4])}): the "
+                f"file was damaged after the capture; {_remedy(self.directory)}."
+            )
 
     def __getitem__(
         self, index: int
@@ -772,7 +852,10 @@ class _ShardWriter:
         name = f"shard_{len(self.shards):05d}.safetensors"
         path = self.directory / name
         save_file(out, str(path))
-        self.shards.append(ShardInfo(name, count, path.stat().st_size, sha256_file(path)))
+        checksums = {k: tensor_checksum(v) for k, v in out.items()}
+        self.shards.append(
+            ShardInfo(name, count, path.stat().st_size, sha256_file(path), checksums)
+        )
         self.buffer = rest
         self.buffered -= count
 
@@ -835,19 +918,18 @@ def write_feature_cache(
                 ).manifest
             except FeatureCacheError as err:
                 if not overwrite:
-                    raise FeatureCacheError(
-                        f"{err} (the existing cache was not replaced: pass overwrite=True to "
-                        "recompute it.)"
-                    ) from None
+                    raise type(err)(f"{err} (The existing cache was not replaced.)") from None
         elif any(directory.iterdir()) and not overwrite:
             raise FeatureCacheError(
                 f"{directory} exists, is not empty and holds no feature cache; choose another "
-                "directory, or pass overwrite=True to replace it."
+                "directory (method.cache.dir=...), or replace it with method.cache.overwrite=true "
+                "(overwrite=True in Python)."
             )
 
     if device is not None:
         teacher.to(device)
-    work = directory.parent / f"{directory.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    clean_partials(directory)
+    work = _partial_name(directory)
     work.mkdir(parents=True)
     was_training = teacher.training
     try:
@@ -902,7 +984,7 @@ def _capture_into(
             unit="batch",
             disable=not progress,
         )
-        for batch in bar:
+        for batch_index, batch in enumerate(bar):
             inputs, labels = _split_batch(batch)
             features = capture(inputs)
             if not checked:
@@ -919,7 +1001,17 @@ def _capture_into(
                             "be cached per sample."
                         )
                     # Cast on the device (less to transfer), then move to host memory.
-                    tensors[f"{name}/{kind}"] = value.to(cast).cpu()
+                    stored = value.to(cast).cpu()
+                    if stored.is_floating_point() and not torch.isfinite(stored).all():
+                        # Training on NaN/Inf targets fails later and far from the cause.
+                        raise FeatureCacheIntegrityError(
+                            f"the teacher's {kind} of slice {name!r} holds NaN or Inf "
+                            f"(batch {batch_index}, cached as {dtype}); nothing was cached. "
+                            "Check the teacher and the data for NaN; values beyond "
+                            "float16's range (65504) need method.cache.dtype=float32 or "
+                            "bfloat16."
+                        )
+                    tensors[f"{name}/{kind}"] = stored
                     shapes.setdefault(name, {})[f"{kind}_shape"] = list(value.shape[1:])
             if labels is not None:
                 if labels.shape[0] != count:
@@ -948,11 +1040,7 @@ def _capture_into(
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    atomic_write_json(path, data, sort_keys=True)
 
 
 def _publish(work: Path, directory: Path, overwrite: bool) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -35,6 +34,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from tnexp.factory import TensorizeSpec, plan_layers, tensorize
+from tnexp.integrity import atomic_write_bytes, atomic_write_json
 
 __all__ = [
     "LayerSensitivity",
@@ -253,7 +253,7 @@ def write_exclusion_yaml(
         "exclude:" if names else "exclude: []",
         *(f'  - "{n}"' for n in names),
     ]
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
     return path
 
 
@@ -290,7 +290,7 @@ def write_profile_csv(results: Sequence[LayerSensitivity], path: str | Path) -> 
 def write_profile_json(results: Sequence[LayerSensitivity], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps([r.to_dict() for r in results], indent=2))
+    atomic_write_json(path, [r.to_dict() for r in results])
     return path
 
 
@@ -409,7 +409,7 @@ def run_profile(cfg: Any) -> dict[str, Any]:
         "runtime": runtime_record(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+    atomic_write_json(out / "results.json", summary)
 
     console = make_console()
     table = Table(title=f"dense score {results[0].dense_accuracy:.2f}" if results else None)

@@ -9,7 +9,6 @@ config tree, so the demo also shows how to run them one by one.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from tnexp.integrity import atomic_write_bytes, atomic_write_json
 from tnexp.restore import save_config
 from tnexp.run import TEACHER_FILE, run_stage
 
@@ -87,8 +87,8 @@ def run_quickstart(cfg: DictConfig) -> list[dict[str, Any]]:
                 overrides.append(f"method.local_epochs={q.hybrid_local_epochs}")
             runs.append(run_stage(_stage(q, method, overrides)))
     rows = summary_rows(teacher, runs)
-    (out / "summary.json").write_text(json.dumps(rows, indent=2))
-    (out / "summary.md").write_text(markdown_table(rows))
+    atomic_write_json(out / "summary.json", rows)
+    atomic_write_bytes(out / "summary.md", markdown_table(rows).encode())
     plot_path = plot_accuracy_vs_time(runs, out / "accuracy_vs_time.png", teacher=teacher)
     print_table(rows)
     print(f"\nplot: {plot_path}\nresults: {out}")

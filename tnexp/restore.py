@@ -18,13 +18,15 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from tnexp.errors import ConfigError
+
 __all__ = ["ResumeConfigError", "SavedRun", "restore_config", "save_config", "saved_run"]
 
 # Top-level keys (or groups) a resumed run may change: they say how it runs, not what.
 RESUMABLE_KEYS = ("trainer", "callbacks", "logger", "paths", "resume", "data.num_workers")
 
 
-class ResumeConfigError(ValueError):
+class ResumeConfigError(ConfigError):
     """The command line of a resume contradicts the config saved in the run folder."""
 
 

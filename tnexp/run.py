@@ -8,7 +8,6 @@ and writes into its output directory: ``results.json``, CSV logs, Lightning chec
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -23,8 +22,11 @@ from tnexp.callbacks import OptimizationTimer
 from tnexp.config import apply_smoke
 from tnexp.config import plain as _plain
 from tnexp.data.phased import PhasedDataModule
+from tnexp.errors import ConfigError, InputFileError
 from tnexp.factory import count_parameters, save_tensorized
+from tnexp.integrity import atomic_write_json
 from tnexp.modules import (
+    DivergenceGuard,
     GlobalConfig,
     GlobalFinetune,
     Hybrid,
@@ -32,11 +34,15 @@ from tnexp.modules import (
     LocalDistillation,
     TensorizationModule,
 )
+from tnexp.rundir import run_directory_lock
 from tnexp.runtime import DEFAULT_TINY_STEP_GFLOP as TINY_STEP_GFLOP
 from tnexp.runtime import ThreadPolicyCallback, runtime_record
 from tnexp.slice_jobs import SliceJobOutput, cache_lock, prepare_stage, select_slices
 from tnexp.slicing import make_slice_plan
-from tnexp.student import build_student
+from tnexp.student import (
+    build_student,
+    tensorize_spec,  # noqa: F401  (tests and notebooks import it here)
+)
 from tnexp.tasks import CausalLMTask, ClassificationTask
 
 log = logging.getLogger("tnexp")
@@ -57,7 +63,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | list[dict[str, Any]]:
     if cfg.method.name in ("assemble", "capture"):  # slice-parallel local: tnexp/slice_jobs.py
         from tnexp.slice_jobs import run_assemble, run_capture
 
-        return run_assemble(cfg) if cfg.method.name == "assemble" else run_capture(cfg)
+        with run_directory_lock(cfg.paths.output_dir):
+            return run_assemble(cfg) if cfg.method.name == "assemble" else run_capture(cfg)
     return run_stage(cfg)
 
 
@@ -75,7 +82,7 @@ def build_task(cfg: DictConfig) -> ClassificationTask | CausalLMTask:
         return ClassificationTask(cfg.data.info.num_classes)
     if kind == "causal_lm":
         return CausalLMTask()
-    raise ValueError(f"data.info.task must be 'classification' or 'causal_lm', got {kind!r}.")
+    raise ConfigError(f"data.info.task must be 'classification' or 'causal_lm', got {kind!r}.")
 
 
 def build_model(cfg: DictConfig) -> torch.nn.Module:
@@ -86,7 +93,7 @@ def build_model(cfg: DictConfig) -> torch.nn.Module:
 
 def resolve_teacher_path(path: str | None) -> Path:
     if not path:
-        raise ValueError(
+        raise ConfigError(
             "this method needs a pretrained teacher: set teacher.path to the teacher.safetensors "
             "written by `tnexp method=pretrain` (or to that run's output directory)."
         )
@@ -94,7 +101,7 @@ def resolve_teacher_path(path: str | None) -> Path:
     if p.is_dir():
         p = p / TEACHER_FILE
     if not p.is_file():
-        raise FileNotFoundError(
+        raise InputFileError(
             f"teacher checkpoint {p} does not exist; run `tnexp method=pretrain` first and "
             "point teacher.path at its output."
         )
@@ -118,7 +125,11 @@ def load_teacher(cfg: DictConfig) -> torch.nn.Module:
         with safe_open(str(path), framework="pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     except Exception as err:  # safetensors raises its own error types on corrupt files
-        raise ValueError(f"cannot read teacher checkpoint {path}: {err}") from None
+        raise ConfigError(
+            f"cannot read teacher checkpoint {path} ({err}): it is truncated or not a "
+            "safetensors file; point teacher.path at the teacher.safetensors of a finished "
+            "pretrain run (or rerun it)."
+        ) from None
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     # Tied weights (GPT-2's lm_head / wte) are stored once; any one name of a tie counts.
     tied = _tied_names(model)
@@ -139,7 +150,7 @@ def load_teacher(cfg: DictConfig) -> torch.nn.Module:
             )
             if part
         )
-        raise ValueError(
+        raise ConfigError(
             f"teacher checkpoint {path} does not match model {cfg.model._target_} "
             f"({details}). Use the same model and data settings as the pretrain run."
         )
@@ -158,16 +169,22 @@ def build_module(
     cfg: DictConfig, teacher: torch.nn.Module | None, student: torch.nn.Module, task: Any
 ) -> TensorizationModule:
     method = cfg.method
+    guard = DivergenceGuard(factor=(cfg.get("guard") or {}).get("divergence_factor", 1.0e4))
     if method.name in ("pretrain", "global"):
-        return GlobalFinetune(student, task, global_=GlobalConfig(**_plain(method["global"])))
+        return GlobalFinetune(
+            student, task, global_=GlobalConfig(**_plain(method["global"])), guard=guard
+        )
     plan = select_slices(make_slice_plan(student, _plain(method.slicing)), method)
     local = LocalConfig(**_plain(method.local))
     if method.features == "cached" and local.input_source == "student":
-        raise ValueError(
-            "local.input_source=student needs the student's live outputs; use features=online."
+        raise ConfigError(
+            "method.local.input_source=student needs the student's live outputs; use "
+            "method.features=online."
         )
     if method.name == "local":
-        return LocalDistillation(student, task, teacher=teacher, plan=plan, local=local)
+        return LocalDistillation(
+            student, task, teacher=teacher, plan=plan, local=local, guard=guard
+        )
     if method.name == "hybrid":
         return Hybrid(
             student,
@@ -177,8 +194,9 @@ def build_module(
             local_epochs=int(method.local_epochs),
             local=local,
             global_=GlobalConfig(**_plain(method["global"])),
+            guard=guard,
         )
-    raise ValueError(f"unknown method {method.name!r}; choose one of {METHODS} or quickstart.")
+    raise ConfigError(f"unknown method {method.name!r}; choose one of {METHODS} or quickstart.")
 
 
 def build_feature_cache(cfg: DictConfig, module: TensorizationModule, datamodule, out: Path):
@@ -199,6 +217,7 @@ def build_feature_cache(cfg: DictConfig, module: TensorizationModule, datamodule
             dtype=method.cache.dtype,
             dataset_identity=datamodule.identity(),
             shard_size=int(method.cache.shard_size),
+            overwrite=bool(method.cache.get("overwrite", False)),
         )
     return open_feature_cache(
         cache_dir,
@@ -223,15 +242,63 @@ def _slug(value: Any) -> str:
     return "".join(c if c.isalnum() else "_" for c in str(value))[:40]
 
 
-def build_loggers(cfg: DictConfig, out: Path, run_name: str) -> list:
-    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+WANDB_ID_FILE = "wandb_run_id.txt"
+
+
+def _resumable_csv_logger(save_dir: Path, resuming: bool):
+    """Lightning's CSVLogger; when ``resuming``, it appends to the existing metrics.csv.
+
+    Lightning's writer deletes an existing metrics.csv when it starts, so a resumed run
+    would lose the rows of the epochs before the interruption.
+    """
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    class _AppendingWriter(ExperimentWriter):
+        def _check_log_dir_exists(self) -> None:
+            if not Path(self.metrics_file_path).is_file():
+                return
+            with open(self.metrics_file_path, newline="") as handle:
+                header = next(csv.reader(handle), [])
+            self.metrics_keys = list(header)  # new keys rewrite the header, keeping the rows
+
+    class _Logger(CSVLogger):
+        @property
+        def experiment(self):  # the writer is created lazily, like Lightning's
+            if self._experiment is None:
+                self._fs.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = _AppendingWriter(log_dir=self.log_dir)
+            return self._experiment
+
+    cls = _Logger if resuming else CSVLogger
+    return cls(save_dir=str(save_dir), name="csv", version="")
+
+
+def _wandb_run_id(out: Path, resuming: bool) -> str:
+    """The W&B run id of this run directory: reused on resume, so W&B continues one run."""
+    path = out / WANDB_ID_FILE
+    if resuming and path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    import uuid
+
+    run_id = uuid.uuid4().hex[:12]
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+def build_loggers(cfg: DictConfig, out: Path, run_name: str, resuming: bool = False) -> list:
+    from lightning.pytorch.loggers import WandbLogger
 
     loggers: list = []
     if cfg.logger.csv:
-        loggers.append(CSVLogger(save_dir=str(out), name="csv", version=""))
+        loggers.append(_resumable_csv_logger(out, resuming))
     wb = cfg.logger.wandb
     if wb.enabled and wb.mode != "disabled":
         wandb_logger = WandbLogger(
+            id=_wandb_run_id(out, resuming),
+            resume="allow",
             project=wb.project,
             entity=wb.entity,
             group=wb.group,
@@ -299,26 +366,41 @@ def resolve_resume(cfg: DictConfig, out: Path) -> str | None:
         return None
     path = Path(cfg.resume)
     if not path.is_file():
-        raise FileNotFoundError(f"resume checkpoint {path} does not exist.")
+        raise InputFileError(
+            f"resume checkpoint {path} does not exist; give an existing .ckpt, resume=auto "
+            "(the run directory's last.ckpt), or resume=null to start fresh."
+        )
     return str(path)
 
 
 # ------------------------------------------------------------------ one stage
 def run_stage(cfg: DictConfig) -> dict[str, Any]:
-    """Run one method (pretrain, local, global or hybrid) and write results.json."""
+    """Run one method (pretrain, local, global or hybrid) and write results.json.
+
+    The run directory is locked for the duration (one run per directory).
+    """
     apply_smoke(cfg)
     method = cfg.method.name
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS} or quickstart.")
+        raise ConfigError(f"unknown method {method!r}; choose one of {METHODS} or quickstart.")
     out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with run_directory_lock(out):
+        return _run_stage_locked(cfg, out)
+
+
+def _run_stage_locked(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    method = cfg.method.name
     cfg = prepare_stage(cfg)  # multirun checks, thread policy, data workers
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
     if (cfg.method.get("memory_bounded") or {}).get("enabled"):
         from tnexp.blockwise import run_memory_bounded_stage  # block by block, bounded memory
 
-        return run_memory_bounded_stage(cfg)
+        try:
+            return run_memory_bounded_stage(cfg)
+        except Exception as err:
+            write_failed_results(cfg, out, err, phase="local")
+            raise
 
     datamodule = build_datamodule(cfg)
     task = build_task(cfg)
@@ -335,7 +417,7 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     if method in ("local", "hybrid") and cfg.method.features == "cached":
         feature_cache = build_feature_cache(cfg, module, datamodule, out)
     elif method in ("local", "hybrid") and cfg.method.features != "online":
-        raise ValueError(
+        raise ConfigError(
             f"method.features must be 'online' or 'cached', got {cfg.method.features!r}"
         )
     # Per-slice job output (method.slice_jobs.dir): skips done slices, records the rest.
@@ -347,7 +429,8 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     phased = PhasedDataModule(datamodule, feature_cache)
 
     run_name = _run_name(cfg, report)
-    loggers = build_loggers(cfg, out, run_name)
+    ckpt_path = resolve_resume(cfg, out)
+    loggers = build_loggers(cfg, out, run_name, resuming=ckpt_path is not None)
     timer = OptimizationTimer(monitor=task.monitor, mode=task.mode)
     trainer = build_trainer(cfg, out, loggers, timer, task, reload=method == "hybrid")
     if jobs is not None:
@@ -358,12 +441,15 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
     try:
         # weights_only: checkpoints hold tensors and plain values only, so load them safely.
-        trainer.fit(
-            module, datamodule=phased, ckpt_path=resolve_resume(cfg, out), weights_only=True
-        )
+        trainer.fit(module, datamodule=phased, ckpt_path=ckpt_path, weights_only=True)
     except BaseException as err:
         if jobs is not None:
             jobs.record_failure(err, timer)
+        if not isinstance(err, KeyboardInterrupt | SystemExit):
+            phase = module.phase.method if module._trainer is not None else None
+            write_failed_results(
+                cfg, out, err, phase=phase, epochs=trainer.current_epoch, step=trainer.global_step
+            )
         raise
     if jobs is not None:
         jobs.record_success(module.student, timer)
@@ -411,6 +497,7 @@ def write_results(
         weights = {"student": str(out / "student")}
     best_ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     results = {
+        "status": "ok",
         "method": cfg.method.name,
         "experiment": cfg.experiment_name,
         "task": {"monitor": timer.monitor, "mode": timer.mode},
@@ -432,8 +519,38 @@ def write_results(
         "runtime": runtime_record(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    atomic_write_json(out / "results.json", results)
     log.info("results written to %s", out / "results.json")
+    return results
+
+
+def write_failed_results(
+    cfg: DictConfig,
+    out: Path,
+    err: BaseException,
+    *,
+    phase: str | None = None,
+    epochs: int | None = None,
+    step: int | None = None,
+) -> dict[str, Any]:
+    """results.json of a run that stopped with an error: ``status: failed``, no metrics.
+
+    Aggregation and readers see a failed run, never a diverged model's numbers as a result.
+    """
+    results = {
+        "status": "failed",
+        "method": cfg.method.name,
+        "experiment": cfg.experiment_name,
+        "error": {"type": type(err).__name__, "message": str(err)},
+        "phase": phase,
+        "epochs": epochs,
+        "global_step": step,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    try:
+        atomic_write_json(out / "results.json", results)
+    except OSError as write_err:  # never mask the training error with a bookkeeping one
+        log.error("could not write %s: %s", out / "results.json", write_err)
     return results
 
 

@@ -43,7 +43,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from tnexp.config import plain as _plain
-from tnexp.features import sha256_file
+from tnexp.errors import TnexpError
+from tnexp.integrity import (
+    _fsync_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    checksum_matches,
+    file_checksum,
+)
 from tnexp.runtime import apply_thread_policy, runtime_record, usable_cores
 from tnexp.slicing import SlicePlan, SlicePlanError
 
@@ -94,7 +101,7 @@ _TRAINING_TRAINER_KEYS = (
 _DISTRIBUTED_STRATEGIES = ("ddp", "fsdp", "deepspeed")
 
 
-class SliceJobsError(RuntimeError):
+class SliceJobsError(TnexpError, RuntimeError):
     """Per-slice job outputs that are missing, failed, or do not match the configuration."""
 
 
@@ -113,44 +120,6 @@ def _now() -> str:
 
 def _slice_jobs_cfg(cfg: DictConfig) -> DictConfig | None:
     return OmegaConf.select(cfg, "method.slice_jobs", default=None)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not every filesystem allows opening a directory.
-    with contextlib.suppress(OSError):
-        fd = os.open(str(directory), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, rename.
-
-    Readers (assemble, a concurrent job) see the old file or the complete new one, never a
-    partial write, even if this process dies half-way.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_json(path: str | Path, data: Any) -> Path:
-    """:func:`atomic_write_bytes` of ``data`` as indented JSON."""
-    return atomic_write_bytes(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
 
 
 def _atomic_save_safetensors(
@@ -622,10 +591,14 @@ class SliceJobOutput:
         selected: SlicePlan = module.plan
         if jobs.get("skip_done", True):
             records = read_slice_records(directory)
+            # Weights are verified against their checksums: a damaged file is retrained,
+            # never skipped as "already trained".
             done = [
                 s.name
                 for s in selected
-                if not _record_problems(directory, s.name, s.paths, records.get(s.name), run)
+                if not _record_problems(
+                    directory, s.name, s.paths, records.get(s.name), run, verify_weights=True
+                )
             ]
         else:
             done = []
@@ -708,7 +681,7 @@ class SliceJobOutput:
                 {"slice": s.name, "job": self.uid, "format_version": str(FORMAT_VERSION)},
             )
             record = self._base_record(self.full_plan.names().index(s.name), s.name, "ok", timer)
-            record["weights"] = {"file": WEIGHTS_FILE, "sha256": sha256_file(weights)}
+            record["weights"] = {"file": WEIGHTS_FILE, "checksum": file_checksum(weights)}
             atomic_write_json(target / RECORD_FILE, record)
             written.append(target)
         log.info("slice jobs: wrote %s into %s", self.pending.names(), self.directory)
@@ -777,9 +750,12 @@ def _record_problems(
     if not weights.is_file():
         problems.append(f"weights file {weights} is missing")
     elif verify_weights:
-        want = (record.get("weights") or {}).get("sha256")
-        if want != sha256_file(weights):
-            problems.append(f"{weights} does not match its record (sha256; overwritten?)")
+        recorded = record.get("weights") or {}
+        # "sha256": records written before checksums moved to tnexp.integrity.
+        if not checksum_matches(weights, recorded.get("checksum") or recorded.get("sha256")):
+            problems.append(
+                f"{weights} fails its checksum (corrupt or overwritten since it was recorded)"
+            )
     return problems
 
 
@@ -837,7 +813,9 @@ def check_slice_outputs(
         missing = [
             i
             for i, s in enumerate(plan)
-            if _record_problems(directory, s.name, s.paths, records.get(s.name), reference)
+            if _record_problems(
+                directory, s.name, s.paths, records.get(s.name), reference, verify_weights=True
+            )
         ]
         hint = (
             f" Retrain the listed slices (e.g. tnexp -m method=local method.slice_jobs.dir="

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset, Subset
 
 from tnexp.data.base import SplitDataModule
 from tnexp.data.subsets import balanced_subset_indices
+from tnexp.errors import InputFileError
 
 __all__ = [
     "CIFAR_STATS",
@@ -153,7 +154,7 @@ class CIFARDataModule(SplitDataModule):
     def _missing_error(self, missing: list[Path]) -> FileNotFoundError:
         base = self._data_root() / self.folder_name
         names = ", ".join(p.name for p in missing)
-        return FileNotFoundError(
+        return InputFileError(
             f"CIFAR-{self.variant} not found: looked in {base.resolve()} (folder "
             f"'{self.folder_name}' under data.root={self.root}); missing {names}. "
             "Fix one of: run with data.download=true on a machine with internet access; or "

@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 
 from tnexp.data.base import SplitDataModule
 from tnexp.data.subsets import balanced_subset_indices
+from tnexp.errors import InputFileError, TnexpError
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -68,7 +69,7 @@ _IDX_DTYPES = {
 }
 
 
-class IdxFormatError(ValueError):
+class IdxFormatError(TnexpError, ValueError):
     """An idx file is corrupt, truncated or not the expected kind."""
 
 
@@ -335,7 +336,7 @@ class FashionMNISTDataModule(SplitDataModule):
         if files is None:
             looked = "\n  ".join(searched)
             names = ", ".join(b for pair in FASHION_MNIST_FILES.values() for b in pair)
-            raise FileNotFoundError(
+            raise InputFileError(
                 f"Fashion-MNIST idx files ({names}, raw or .gz) not found. Looked in:\n  "
                 f"{looked}\nFix one of: `apt-get install {APT_PACKAGE}` (Debian/Ubuntu; "
                 f"installs them in {SYSTEM_DATA_DIRS[0]}); set data.root to a directory "

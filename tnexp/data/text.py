@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import Dataset
 
 from tnexp.data.base import SplitDataModule
+from tnexp.errors import InputFileError, TnexpError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ _LOCAL_BUILDERS = {"json", "csv", "text", "parquet", "arrow"}
 _TOKENIZE_CHUNK = 256  # documents per tokenizer call: batched calls are much faster
 
 
-class DataNotAvailableError(OSError):
+class DataNotAvailableError(TnexpError, OSError):
     """A dataset is not in the local cache and could not be downloaded."""
 
 
@@ -252,7 +253,10 @@ class TextDataModule(SplitDataModule):
             raise ValueError("source=file needs data.path (a .txt or .jsonl file).")
         path = Path(self.path).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"text file {path} does not exist.")
+            raise InputFileError(
+                f"text file {path} does not exist; set data.path to an existing .txt or .jsonl "
+                "file."
+            )
         if path.suffix == ".txt":
             yield path.read_text(encoding="utf-8")
         elif path.suffix == ".jsonl":

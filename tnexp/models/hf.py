@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tnexp.errors import InputFileError, TnexpError
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -50,7 +52,7 @@ _DTYPES = {
 }
 
 
-class ModelNotAvailableError(OSError):
+class ModelNotAvailableError(TnexpError, OSError):
     """A model or tokenizer could not be found locally and could not be downloaded."""
 
 
@@ -118,10 +120,10 @@ def resolve_model_source(name_or_path: str, gguf_file: str | None = None) -> Mod
         return ModelSource(name, str(path.parent), path.name, is_local=True)
     if path.is_dir():
         if gguf_file is not None and not (path / gguf_file).is_file():
-            raise FileNotFoundError(f"GGUF file {gguf_file!r} not found in {path}.")
+            raise InputFileError(f"GGUF file {gguf_file!r} not found in {path}.")
         return ModelSource(name, str(path), gguf_file, is_local=True)
     if _looks_like_path(name):
-        raise FileNotFoundError(
+        raise InputFileError(
             f"model path {name!r} does not exist (short names: {sorted(SHORT_NAMES)})."
         )
     return ModelSource(name, name, gguf_file, is_local=False)

@@ -1,5 +1,6 @@
 """LightningModules of tnexp: pretrain, local, global and hybrid share one class."""
 
+from tnexp.modules.guard import DivergenceGuard, TrainingDivergedError
 from tnexp.modules.losses import DISTILLATION_LOSSES, get_distillation_loss
 from tnexp.modules.optim import OptimizerConfig, build_optimizer
 from tnexp.modules.tensorization import (
@@ -15,6 +16,7 @@ from tnexp.modules.tensorization import (
 
 __all__ = [
     "DISTILLATION_LOSSES",
+    "DivergenceGuard",
     "GlobalConfig",
     "GlobalFinetune",
     "Hybrid",
@@ -24,6 +26,7 @@ __all__ = [
     "OptimizerConfig",
     "Phase",
     "TensorizationModule",
+    "TrainingDivergedError",
     "build_optimizer",
     "get_distillation_loss",
 ]

@@ -20,15 +20,14 @@ import torch
 from torch import nn
 
 from tnexp.features import FeatureCapture
+from tnexp.modules.guard import DivergenceGuard, NonFiniteLossError, TrainingDivergedError
 from tnexp.modules.losses import get_distillation_loss
 from tnexp.modules.optim import OptimizerConfig, build_optimizer, build_scheduler
 from tnexp.slicing import SlicePlan, first_tensor
 from tnexp.tn.mpo import MPOLinear
 from tnexp.tn.tucker import TuckerConv2d
 
-
-class NonFiniteLossError(RuntimeError):
-    """A loss became NaN or infinite; training stops instead of silently diverging."""
+__all__ = ["NonFiniteLossError", "TrainingDivergedError"]  # re-exported from guard.py
 
 
 @dataclass
@@ -87,8 +86,10 @@ class TensorizationModule(L.LightningModule):
         plan: SlicePlan | None = None,
         local: LocalConfig | None = None,
         global_: GlobalConfig | None = None,
+        guard: DivergenceGuard | None = None,
     ):
         super().__init__()
+        self.guard = guard or DivergenceGuard()
         self.student = student
         self.task = task
         self.schedule = list(schedule)
@@ -262,7 +263,7 @@ class TensorizationModule(L.LightningModule):
     def _global_step(self, batch: Any) -> torch.Tensor:
         outputs = self.task.forward(self.student, batch)
         loss = self.task.loss(outputs, batch)
-        self._check_finite(loss, "global task loss")
+        self._check_loss(loss, "global task loss")
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/phase", 1.0, on_step=True)
         return loss
@@ -298,22 +299,25 @@ class TensorizationModule(L.LightningModule):
             # Each slice's graph is disjoint from the others', so the summed loss gives each
             # slice exactly the gradient it would get if it were trained alone.
             loss = self._distill(prediction, target.to(prediction.dtype))
-            self._check_finite(loss, f"slice {s.name!r}")
+            if not torch.isfinite(loss).all():  # name the slice that went bad
+                self._check_loss(loss, f"slice {s.name!r} loss")
             losses[s.name] = loss
         total = torch.stack(list(losses.values())).sum()
+        self._check_loss(total, "local loss (sum over slices)")
         for name, loss in losses.items():
             self.log(f"train/slice/{name}", loss, on_step=True, on_epoch=True)
         self.log("train/loss", total, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/phase", 0.0, on_step=True)
         return total
 
-    def _check_finite(self, loss: torch.Tensor, what: str) -> None:
-        if not torch.isfinite(loss).all():
-            raise NonFiniteLossError(
-                f"{what} is {loss.item()} at step {self.global_step} (epoch {self.current_epoch})."
-                " Training stopped; lower the learning rate, check the inputs for NaN, or resume "
-                "from the last checkpoint with other settings."
-            )
+    def _check_loss(self, loss: torch.Tensor, what: str) -> None:
+        self.guard.check(
+            loss,
+            phase=self.phase.method,
+            what=what,
+            step=self.global_step,
+            epoch=self.current_epoch,
+        )
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -378,17 +382,39 @@ def count_tensorized(model: nn.Module) -> int:
 class LocalDistillation(TensorizationModule):
     """Slice-wise feature distillation for the whole run."""
 
-    def __init__(self, student, task, *, teacher, plan, local: LocalConfig | None = None):
+    def __init__(
+        self,
+        student,
+        task,
+        *,
+        teacher,
+        plan,
+        local: LocalConfig | None = None,
+        guard: DivergenceGuard | None = None,
+    ):
         super().__init__(
-            student, task, [Phase("local", None)], teacher=teacher, plan=plan, local=local
+            student,
+            task,
+            [Phase("local", None)],
+            teacher=teacher,
+            plan=plan,
+            local=local,
+            guard=guard,
         )
 
 
 class GlobalFinetune(TensorizationModule):
     """End-to-end training on the task loss (fine-tuning a student, or pretraining a teacher)."""
 
-    def __init__(self, student, task, *, global_: GlobalConfig | None = None):
-        super().__init__(student, task, [Phase("global", None)], global_=global_)
+    def __init__(
+        self,
+        student,
+        task,
+        *,
+        global_: GlobalConfig | None = None,
+        guard: DivergenceGuard | None = None,
+    ):
+        super().__init__(student, task, [Phase("global", None)], global_=global_, guard=guard)
 
 
 class Hybrid(TensorizationModule):
@@ -404,6 +430,7 @@ class Hybrid(TensorizationModule):
         local_epochs: int,
         local: LocalConfig | None = None,
         global_: GlobalConfig | None = None,
+        guard: DivergenceGuard | None = None,
     ):
         if local_epochs < 1:
             raise ValueError(f"hybrid needs local_epochs >= 1, got {local_epochs}.")
@@ -415,4 +442,5 @@ class Hybrid(TensorizationModule):
             plan=plan,
             local=local,
             global_=global_,
+            guard=guard,
         )
