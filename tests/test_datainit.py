@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from tnexp.calibration import CalibrationError, InputStats, collect_input_stats
-from tnexp.factory import load_tensorized, save_tensorized, tensorize
+from tnexp.factory import TensorizeSpec, load_tensorized, save_tensorized, tensorize
 from tnexp.tn.allocation import allocate_ranks
 from tnexp.tn.datainit import (
     conv_weight_matrix,
@@ -301,3 +301,28 @@ def test_calibration_stops_after_the_last_layer_and_counts_repeated_calls():
     rows = torch.cat([torch.cat([b, torch.tanh(model.lin(b))]) for b in batches]).detach()
     assert torch.allclose(stats.gram("lin"), rows.T @ rows / rows.shape[0])
     assert len(head_calls) == 1  # only the first batch ran the head
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_language_model_mlps_whitened_low_rank(family):
+    from tiny_lm import small_llama, tiny_gpt2
+
+    model = (small_llama() if family == "llama" else tiny_gpt2(vocab_size=64)).eval()
+    pattern = "model.layers.*.mlp.*_proj" if family == "llama" else "transformer.h.*.mlp.c_*"
+    spec = {"rules": [{"pattern": pattern, "cr": 0.5, "init": "whiten", "layout": "lowrank"}]}
+    from tnexp.factory import plan_layers
+
+    names = [p.name for p in plan_layers(model, TensorizeSpec.from_config(spec))]
+    vocab = model.config.vocab_size
+    batches = [
+        {"input_ids": torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(i))}
+        for i in range(2)
+    ]
+    stats = collect_input_stats(model, names, batches, model_inputs=lambda b: b, num_batches=2)
+    if family == "llama":
+        assert any(stats.owner(n) != n for n in names)  # gate/up share one Gram
+    _, svd = tensorize(model, {"rules": [{**spec["rules"][0], "init": "svd"}]}, stats=stats)
+    _, white = tensorize(model, spec, stats=stats)
+    for w, s in zip(white.layers, svd.layers, strict=True):
+        assert w.layout == "lowrank" and w.in_factors[1] == 1
+        assert w.output_error <= s.output_error + 1e-6, w.name
