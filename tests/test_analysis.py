@@ -15,6 +15,7 @@ from tnexp.analysis import (
     energy_rank,
     entanglement_entropy,
     mpo_cut_spectra,
+    read_json,
     truncation_error,
     tucker_mode_spectra,
     write_csv,
@@ -138,7 +139,9 @@ def resnet_layers():
 
 
 def test_json_and_csv(resnet_layers, tmp_path):
-    data = json.loads(write_json(resnet_layers, tmp_path / "s.json").read_text())
+    path = write_json(resnet_layers, tmp_path / "s.json")
+    assert read_json(path) == list(resnet_layers)  # a lossless round trip
+    data = json.loads(path.read_text())
     assert len(data["layers"]) == len(resnet_layers) == 8
     first = data["layers"][0]
     assert first["cuts"][0]["singular_values"] == sorted(
@@ -206,3 +209,7 @@ def test_stage_on_the_digits_model(tmp_path):
     layers = json.loads((out / "spectra.json").read_text())["layers"]
     assert len(layers) == 8 and all(layer["source"] == "tensorized" for layer in layers)
     assert all(layer["whitened"]["truncation_error"] is not None for layer in layers)
+    from tnexp.analysis.report import figure_entropy_depth
+
+    ax = figure_entropy_depth(read_json(out / "spectra.json")).axes[0]
+    assert any("whitened" in line.get_label() for line in ax.lines)

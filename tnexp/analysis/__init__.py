@@ -1,6 +1,6 @@
 """Analyses that tensor networks make possible: bond spectra and entanglement entropy."""
 
-from tnexp.analysis.report import write_csv, write_json, write_plots
+from tnexp.analysis.report import read_json, write_csv, write_json, write_plots
 from tnexp.analysis.spectra import (
     CutSpectrum,
     LayerSpectrum,
@@ -19,6 +19,7 @@ __all__ = [
     "energy_rank",
     "entanglement_entropy",
     "mpo_cut_spectra",
+    "read_json",
     "truncation_error",
     "tucker_mode_spectra",
     "write_csv",

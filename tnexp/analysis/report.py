@@ -20,6 +20,7 @@ __all__ = [
     "figure_entropy_depth",
     "figure_entropy_heatmap",
     "figure_spectra",
+    "read_json",
     "summarize",
     "write_csv",
     "write_json",
@@ -55,6 +56,18 @@ def write_json(layers: Sequence[LayerSpectrum], path: str | Path) -> Path:
     payload = {"summary": summarize(layers), "layers": [layer.to_dict() for layer in layers]}
     path.write_text(json.dumps(payload, indent=1))
     return path
+
+
+def read_json(path: str | Path) -> list[LayerSpectrum]:
+    """The layers of a ``spectra.json`` (e.g. to redraw the plots without recomputing)."""
+    layers = []
+    for entry in json.loads(Path(path).read_text())["layers"]:
+        entry = {k: v for k, v in entry.items() if k != "group"}  # derived from the name
+        entry["cuts"] = [CutSpectrum(**c) for c in entry["cuts"]]
+        if entry.get("whitened") is not None:
+            entry["whitened"] = CutSpectrum(**entry["whitened"])
+        layers.append(LayerSpectrum(**entry))
+    return layers
 
 
 def write_csv(layers: Sequence[LayerSpectrum], path: str | Path) -> Path:
@@ -182,8 +195,9 @@ def figure_spectra(layers: Sequence[LayerSpectrum], *, title: str | None = None)
 
 
 def figure_entropy_depth(layers: Sequence[LayerSpectrum], *, title: str | None = None):
-    """Left: entanglement entropy per cut vs depth, one line per role and cut. Right: the
-    rank holding 90% of the energy at the central cut vs the chosen rank."""
+    """Left: entanglement entropy per cut vs depth, one line per role and cut (dotted: the
+    whitened low-rank cut, with input statistics). Right: the rank holding 90% of the
+    energy at the central cut vs the chosen rank."""
     fig = _figure(11.0, 4.2)
     ax_s, ax_r = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     for group, members in _by_group(layers).items():
@@ -191,10 +205,29 @@ def figure_entropy_depth(layers: Sequence[LayerSpectrum], *, title: str | None =
         for k, cut in enumerate(members[0].cuts):
             ys = [m.cuts[k].entropy if k < len(m.cuts) else float("nan") for m in members]
             label = group if len(members[0].cuts) == 1 else f"{group} {cut.cut}"
-            ax_s.plot(depth, ys, marker="o", ms=3, label=label)
+            (line,) = ax_s.plot(depth, ys, marker="o", ms=3, label=label)
+        if all(m.whitened is not None for m in members):
+            # Same colour, dotted: the low-rank cut as the layer's inputs see it.
+            ax_s.plot(
+                depth,
+                [m.whitened.entropy for m in members],
+                ls=":",
+                marker=".",
+                color=line.get_color(),
+                label=f"{group} whitened (in|out)",
+            )
         (line,) = ax_r.plot(
             depth, [_central(m).rank_90 for m in members], marker="o", ms=3, label=f"{group} 90%"
         )
+        if all(m.whitened is not None for m in members):
+            ax_r.plot(
+                depth,
+                [m.whitened.rank_90 for m in members],
+                ls=":",
+                marker=".",
+                color=line.get_color(),
+                label=f"{group} whitened 90%",
+            )
         chosen = [_central(m).rank for m in members]
         if any(r is not None for r in chosen):
             ax_r.plot(
@@ -209,10 +242,10 @@ def figure_entropy_depth(layers: Sequence[LayerSpectrum], *, title: str | None =
     ax_s.set_title("entropy across depth", fontsize=10)
     ax_r.set_xlabel("depth (layer index within its role)")
     ax_r.set_ylabel("rank")
-    ax_r.set_title("rank for 90% energy (solid) vs chosen rank (dashed)", fontsize=10)
+    ax_r.set_title("rank for 90% energy (solid; dotted: whitened) vs chosen (dashed)", fontsize=10)
     for ax in (ax_s, ax_r):
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, framealpha=0.6)
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
