@@ -167,7 +167,9 @@ def test_figures_have_labelled_axes(resnet_layers, tmp_path):
     ax = heat.axes[0]
     assert ax.get_xlabel() == "cut" and ax.get_ylabel() and ax.get_title()
     assert [t.get_text() for t in ax.get_xticklabels()] == ["mode-0 (out)", "mode-1 (in)"]
-    assert heat.axes[1].get_ylabel() == "S (nats)"  # the colour bar
+    assert heat.axes[1].get_ylabel().startswith("S / log")  # the colour bar
+    values = ax.images[0].get_array()
+    assert values.min() > 0.0 and values.max() <= 1.0 + 1e-9  # relative entropy
     paths = write_plots(resnet_layers, tmp_path)
     for path in paths.values():
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -252,7 +252,9 @@ def figure_entropy_depth(layers: Sequence[LayerSpectrum], *, title: str | None =
 
 
 def figure_entropy_heatmap(layers: Sequence[LayerSpectrum], *, title: str | None = None):
-    """Entropy as a layer x cut heat map (blank where a layer has no such cut)."""
+    """Entropy relative to its maximum ``log(#singular values)`` as a layer x cut heat map
+    (blank where a layer has no such cut). Relative, because cuts of different sizes have
+    different maxima: 1 is a flat spectrum, 0 a rank-1 cut."""
     import numpy as np
 
     cuts: list[str] = []
@@ -263,7 +265,8 @@ def figure_entropy_heatmap(layers: Sequence[LayerSpectrum], *, title: str | None
     grid = np.full((len(layers), len(cuts)), np.nan)
     for row, layer in enumerate(layers):
         for cut in layer.cuts:
-            grid[row, cuts.index(cut.cut)] = cut.entropy
+            if cut.max_entropy > 0:
+                grid[row, cuts.index(cut.cut)] = cut.entropy / cut.max_entropy
     fig = _figure(max(4.5, 1.2 * len(cuts) + 3.5), max(3.0, 0.11 * len(layers) + 1.5))
     ax = fig.add_subplot()
     image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="magma")
@@ -271,8 +274,8 @@ def figure_entropy_heatmap(layers: Sequence[LayerSpectrum], *, title: str | None
     ax.set_yticks(range(len(layers)), [layer.name for layer in layers], fontsize=5)
     ax.set_xlabel("cut")
     ax.set_ylabel("layer (module order)")
-    ax.set_title(title or "entanglement entropy per layer and cut", fontsize=10)
-    fig.colorbar(image, ax=ax, label="S (nats)")
+    ax.set_title(title or "relative entanglement entropy per layer and cut", fontsize=10)
+    fig.colorbar(image, ax=ax, label="S / log(number of singular values)")
     return fig
 
 
@@ -290,7 +293,7 @@ def write_plots(
         "spectra": figure_spectra(layers, title=title and f"{title}: bond spectra"),
         "entropy_depth": figure_entropy_depth(layers, title=title),
         "entropy_heatmap": figure_entropy_heatmap(
-            layers, title=title and f"{title}: entanglement entropy"
+            layers, title=title and f"{title}: relative entanglement entropy"
         ),
     }
     paths = {}
