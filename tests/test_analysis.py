@@ -215,3 +215,27 @@ def test_stage_on_the_digits_model(tmp_path):
 
     ax = figure_entropy_depth(read_json(out / "spectra.json")).axes[0]
     assert any("whitened" in line.get_label() for line in ax.lines)
+
+
+def test_stage_logs_plots_to_wandb_offline(tmp_path, monkeypatch):
+    from safetensors.torch import save_model
+    from stages import make_cfg
+
+    from tnexp.run import run
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    save_model(
+        small_resnet(num_classes=10, in_channels=1, width=8), str(tmp_path / "t.safetensors")
+    )
+    out = tmp_path / "analyze"
+    cfg = make_cfg(
+        out,
+        "method=analyze",
+        f"teacher.path={tmp_path / 't.safetensors'}",
+        "logger=default",
+        "logger.wandb.mode=offline",
+    )
+    run(cfg)
+    (offline,) = (out / "wandb").glob("offline-run-*")
+    images = sorted(p.name for p in offline.glob("files/media/images/analysis/*.png"))
+    assert len(images) == 3 and any(name.startswith("spectra_") for name in images)
