@@ -91,6 +91,7 @@ def run_analyze(cfg: DictConfig) -> dict[str, Any]:
         model = _load_student(cfg, str(m.student_path))
         spec = None  # a tensorized model is cut with its own factors and bonds
         source = f"tensorized student {m.student_path}"
+        what = "tensorized student"
         if m.get("data_aware"):
             # The student's layers get the *teacher's* input statistics (paper: teacher inputs).
             stats = _stats(cfg, load_teacher(cfg), tensorize_spec(cfg))
@@ -98,6 +99,7 @@ def run_analyze(cfg: DictConfig) -> dict[str, Any]:
         model = load_teacher(cfg)
         spec = tensorize_spec(cfg) if m.get("use_spec", True) else None
         source = "dense teacher" + (" at the sizes of cfg.tensorize" if spec else "")
+        what = "dense teacher"
         if m.get("data_aware"):
             if spec is None:
                 raise ValueError(
@@ -111,7 +113,7 @@ def run_analyze(cfg: DictConfig) -> dict[str, Any]:
     write_json(layers, out / "spectra.json")
     write_csv(layers, out / "spectra.csv")
     model_name = str(cfg.model.get("name") or cfg.model._target_).rsplit(".", 1)[-1]
-    plots = write_plots(layers, out, title=f"{model_name} ({source.split(' at ')[0]})")
+    plots = write_plots(layers, out, title=f"{model_name} ({what})")
     summary = summarize(layers)
     results = {
         "method": "analyze",
