@@ -190,6 +190,12 @@ def test_stage_on_the_digits_model(tmp_path):
         assert (out / name).is_file(), name
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["summary"]["layers"] == 8 and on_disk["files"]["csv"] == "spectra.csv"
+    assert on_disk["metrics"]["analysis"]["layers"] == 8
+    # tnexp-aggregate lists an analysis run as complete, without a table row for it.
+    from tnexp.aggregate import find_runs
+
+    (found,), _ = find_runs([out])
+    assert found.ok and found.kind == "analyze"
     rows = list(csv.DictReader((out / "spectra.csv").open()))
     assert all(r["rank"] and r["truncation_error"] for r in rows)  # sizes from cfg.tensorize
 

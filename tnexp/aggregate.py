@@ -332,9 +332,9 @@ class Run:
 
     @property
     def kind(self) -> str:
-        """classification | lm | profile | unknown."""
-        if self.method == "profile":
-            return "profile"
+        """classification | lm | profile | analyze | unknown (the last three: no table row)."""
+        if self.method in ("profile", "analyze"):
+            return self.method
         task = _get(self.config, "data.info.task")
         monitor = _get(self.results, "task.monitor")
         if task == "causal_lm" or monitor == "val/ppl":

@@ -120,6 +120,8 @@ def run_analyze(cfg: DictConfig) -> dict[str, Any]:
         "experiment": cfg.experiment_name,
         "source": source,
         "data_aware": stats is not None,
+        # A few headline numbers; tnexp-aggregate lists the run (no table row).
+        "metrics": {"analysis": _headline(layers)},
         "summary": summary,
         "files": {
             "json": "spectra.json",
@@ -132,6 +134,18 @@ def run_analyze(cfg: DictConfig) -> dict[str, Any]:
     _log_wandb(cfg, out, plots, summary)
     _print_summary(summary, source, out)
     return results
+
+
+def _headline(layers: list[LayerSpectrum]) -> dict[str, float | int]:
+    cuts = [cut for layer in layers for cut in layer.cuts]
+    errors = [c.truncation_error for c in cuts if c.truncation_error is not None]
+    return {
+        "layers": len(layers),
+        "entropy_mean": sum(c.entropy for c in cuts) / len(cuts),
+        "relative_entropy_mean": sum(c.entropy / c.max_entropy for c in cuts if c.max_entropy)
+        / max(1, sum(1 for c in cuts if c.max_entropy)),
+        **({"truncation_error_mean": sum(errors) / len(errors)} if errors else {}),
+    }
 
 
 def _print_summary(summary: dict[str, Any], source: str, out: Path) -> None:
