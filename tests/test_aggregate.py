@@ -493,6 +493,23 @@ def test_language_model_tables_and_figure(tmp_path):
     assert "wikitext/word_perplexity" in md and "token perplexity" in md
 
 
+def test_language_model_seeds_give_mean_std_and_n(tmp_path):
+    root = tmp_path / "lm"
+    for seed, ppl in ((0, 40.0), (1, 44.0), (2, 48.0)):
+        run = fake_lm("global", ppl=ppl, lambada_acc=0.3, opt_s=600)
+        run["config"]["seed"] = seed
+        write(root, f"global_s{seed}", run)
+    write(root, "local", fake_lm("local", ppl=50.0, lambada_acc=0.3, opt_s=900))
+    result = aggregate([root], tmp_path / "out")
+    rows = {r["metric"]: r for r in table(result, "table6").rows}
+    assert rows["token_ppl"]["global"] == pytest.approx(44.0)
+    assert rows["token_ppl"]["global_std"] == pytest.approx(4.0)
+    assert rows["token_ppl"]["local"] == 50.0 and rows["token_ppl"]["local_std"] is None
+    md = (tmp_path / "out" / "tables" / "table6.md").read_text()
+    assert "44.00 ± 4.00" in md or "44.0 ± 4.0" in md, md
+    assert "(n=3)" in md and "(n=1)" in md
+
+
 def test_slice_job_times_and_parts(tmp_path):
     # two jobs of two slices each (slice_jobs.group=2): each job's time counts once
     per_slice = {

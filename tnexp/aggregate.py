@@ -336,9 +336,9 @@ class Run:
 
     @property
     def kind(self) -> str:
-        """classification | lm | profile | unknown."""
-        if self.method == "profile":
-            return "profile"
+        """classification | lm | profile | analyze | unknown (the last three: no table row)."""
+        if self.method in ("profile", "analyze"):
+            return self.method
         task = _get(self.config, "data.info.task")
         monitor = _get(self.results, "task.monitor")
         if task == "causal_lm" or monitor == "val/ppl":
@@ -1077,19 +1077,19 @@ class Aggregation:
                 groups[(r.dataset, r.model)].append(r)
         return dict(sorted(groups.items()))
 
-    def _lm_choice(self, runs: list[Run]) -> dict[str, Run]:
-        """The run shown per method column (best setting by the validation monitor).
+    def _lm_choice(self, runs: list[Run]) -> dict[str, list[Run]]:
+        """The runs shown per method column: the seeds of the best setting (by the
+        validation monitor), averaged in the table.
 
         Assembled slice jobs and a one-process local run both count as local; the
         assembled one is preferred, as it is the paper's setting.
         """
-        out: dict[str, Run] = {}
+        out: dict[str, list[Run]] = {}
         for family in ("local", "global", "hybrid"):
             members = self.outside_sweeps([r for r in runs if r.family == family])
             assembled = [r for r in members if r.method == "assemble"]
             if members:
-                chosen, _ = self.choose(assembled or members)
-                out[family] = chosen[0]
+                out[family], _ = self.choose(assembled or members)
         return out
 
     def lm_tables(self) -> list[Table]:
@@ -1102,9 +1102,14 @@ class Aggregation:
             chosen = self._lm_choice(runs)
             teacher = next((r.lm_metrics("teacher") for r in runs if r.lm_metrics("teacher")), {})
             before = next((r.lm_metrics("before") for r in runs if r.lm_metrics("before")), {})
-            ours = {fam: r.lm_metrics("final_eval") for fam, r in chosen.items()}
+            # Per method, every seed's metrics: the table shows mean ± std over them.
+            seeds = {
+                fam: [r.lm_metrics("final_eval") for r in members]
+                for fam, members in chosen.items()
+            }
             names = ["token_ppl", *paper_metrics]
-            extra = sorted({k for m in [teacher, *ours.values()] for k in m} - set(names))
+            found = {k for m in [teacher, *(m for ms in seeds.values() for m in ms)] for k in m}
+            extra = sorted(found - set(names))
             rows = []
             for name in names + extra:
                 spec = paper_metrics.get(name, {})
@@ -1120,12 +1125,13 @@ class Aggregation:
                     "dense": pct(teacher.get(name)),
                     "paper_dense": spec.get("dense"),
                     "before": pct(before.get(name)),
-                    "local": pct(ours.get("local", {}).get(name)),
                     "paper_local": spec.get("local"),
-                    "global": pct(ours.get("global", {}).get(name)),
                     "paper_global": spec.get("global"),
-                    "hybrid": pct(ours.get("hybrid", {}).get(name)),
                 }
+                for fam in ("local", "global", "hybrid"):
+                    values = [pct(m.get(name)) for m in seeds.get(fam, [])]
+                    row[fam] = _mean(values)
+                    row[f"{fam}_std"] = _std(values)
                 if any(row[k] is not None for k in ("dense", "before", "local", "global")) or spec:
                     rows.append(row)
             label = paper.get("label", "paper")
@@ -1135,13 +1141,16 @@ class Aggregation:
                 Column("dense", "dense (ours)", "m"),
                 Column("paper_dense", f"dense ({label})", "m"),
                 Column("before", "tensorized, before recovery", "m", optional=True),
-                Column("local", "local (ours)", "m"),
+                Column("local", "local (ours)", "m", std="local_std"),
                 Column("paper_local", f"local ({label})", "m"),
-                Column("global", "global (ours)", "m"),
+                Column("global", "global (ours)", "m", std="global_std"),
                 Column("paper_global", f"global ({label})", "m"),
-                Column("hybrid", "hybrid (ours)", "m", optional=True),
+                Column("hybrid", "hybrid (ours)", "m", std="hybrid_std", optional=True),
             ]
-            runs_used = ", ".join(f"{fam}: {r.label}" for fam, r in chosen.items())
+            runs_used = ", ".join(
+                f"{fam}: {', '.join(r.label for r in members)} (n={len(members)})"
+                for fam, members in chosen.items()
+            )
             tables.append(
                 Table(
                     f"table6{suffix}",
@@ -1153,6 +1162,8 @@ class Aggregation:
                         "split; lm-eval's wikitext/c4 figures are word perplexities and "
                         "lambada_openai/perplexity is the last-word token perplexity — "
                         "each under its own name. Accuracies in %.",
+                        "ours: mean ± std over the seeds of one setting (n per method below; "
+                        "no ± with one seed).",
                         f"Runs: {runs_used}.",
                     ],
                 )

@@ -60,6 +60,10 @@ def run(cfg: DictConfig) -> dict[str, Any] | list[dict[str, Any]]:
         from tnexp.profiling import run_profile
 
         return run_profile(cfg)
+    if cfg.method.name == "analyze":  # bond spectra and entropy: tnexp/analysis/
+        from tnexp.analysis.stage import run_analyze
+
+        return run_analyze(cfg)
     if cfg.method.name in ("assemble", "capture"):  # slice-parallel local: tnexp/slice_jobs.py
         from tnexp.slice_jobs import run_assemble, run_capture
 

@@ -85,10 +85,19 @@ def _device(cfg: DictConfig) -> torch.device | None:
 
 
 def calibration_stats(
-    cfg: DictConfig, teacher: torch.nn.Module, spec: TensorizeSpec, datamodule: Any, task: Any
+    cfg: DictConfig,
+    teacher: torch.nn.Module,
+    spec: TensorizeSpec,
+    datamodule: Any,
+    task: Any,
+    *,
+    force: bool = False,
 ) -> InputStats | None:
-    """The teacher's input statistics for the spec's layers, loaded or collected once."""
-    if not needs_calibration(spec):
+    """The teacher's input statistics for the spec's layers, loaded or collected once.
+
+    ``None`` when the spec needs none, unless ``force`` (analyses that want them anyway).
+    """
+    if not (force or needs_calibration(spec)):
         return None
     from filelock import FileLock
 
@@ -98,8 +107,8 @@ def calibration_stats(
     num_batches = int(cal.get("num_batches") or 0)
     if num_batches <= 0:
         raise CalibrationError(
-            "the tensorization asks for a data-aware init (init whiten/als, layout auto or "
-            "adaptive low-rank ranks) but tensorize.calibration.num_batches is "
+            "input statistics are needed (init whiten/als, layout auto, adaptive low-rank "
+            "ranks or a data-aware analysis) but tensorize.calibration.num_batches is "
             f"{num_batches}; set it to a positive number (e.g. 64) or use tensorize.init=svd."
         )
     names = [item.name for item in plan_layers(teacher, spec)]

@@ -391,8 +391,14 @@ class MPOLinear(nn.Module):
         )
 
 
-def _site_major(weight_in_out: torch.Tensor, in_factors: list[int], out_factors: list[int]):
-    """Reshape an (in, out) matrix to (i1, o1, i2, o2, ...) for the sequential SVD."""
+def site_major(
+    weight_in_out: torch.Tensor, in_factors: Sequence[int], out_factors: Sequence[int]
+) -> torch.Tensor:
+    """Reshape an (in, out) matrix to (i1, o1, i2, o2, ...): the MPO's site order.
+
+    Its unfolding ``(prod sites <= k, prod sites > k)`` is the matrix whose rank bounds
+    bond ``k`` (sequential SVD here, bond spectra in :mod:`tnexp.analysis`).
+    """
     n = len(in_factors)
     t = weight_in_out.reshape(*in_factors, *out_factors)
     perm = [p for k in range(n) for p in (k, n + k)]
@@ -413,7 +419,7 @@ def mpo_svd(
     """
     in_factors, out_factors = list(in_factors), list(out_factors)
     dtype = weight_in_out.dtype
-    rest = _site_major(weight_in_out.double(), in_factors, out_factors)
+    rest = site_major(weight_in_out.double(), in_factors, out_factors)
     cores = []
     left = 1
     for k, bond in enumerate(bonds):

@@ -1,0 +1,177 @@
+"""The ``method=analyze`` stage: bond spectra and entanglement entropy of one model.
+
+Analyses the teacher (``tnexp.run.load_teacher``) at the sizes ``cfg.tensorize`` would
+give it, or a saved tensorized student (``method.student_path``, a ``student/`` folder
+written by a local/global/hybrid run). Writes ``spectra.json``, ``spectra.csv``,
+``spectra.png``, ``entropy_depth.png``, ``entropy_heatmap.png`` and ``results.json``
+into ``paths.output_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from tnexp.analysis.report import summarize, write_csv, write_json, write_plots
+from tnexp.analysis.spectra import LayerSpectrum, analyze_spectra
+
+log = logging.getLogger("tnexp")
+
+__all__ = ["run_analyze"]
+
+
+def _load_student(cfg: DictConfig, path: str) -> torch.nn.Module:
+    from tnexp.factory import SPEC_FILE, load_tensorized
+    from tnexp.run import build_model
+
+    directory = Path(path)
+    if (directory / "student" / SPEC_FILE).is_file():  # a run folder: its student/ inside
+        directory = directory / "student"
+    spec_file = directory / SPEC_FILE
+    # A student saved without base_config needs the dense architecture from this config.
+    base = None
+    if spec_file.is_file() and not json.loads(spec_file.read_text()).get("base_config"):
+        base = build_model(cfg)
+    student, _ = load_tensorized(directory, base=base)
+    return student.eval()
+
+
+def _stats(cfg: DictConfig, teacher: torch.nn.Module, spec: Any) -> Any:
+    """The teacher's input statistics (loaded or collected once, as tensorizing stages do)."""
+    from tnexp.run import build_datamodule, build_task
+    from tnexp.student import calibration_stats
+
+    return calibration_stats(cfg, teacher, spec, build_datamodule(cfg), build_task(cfg), force=True)
+
+
+def _log_wandb(cfg: DictConfig, out: Path, plots: dict[str, Path], summary: dict) -> None:
+    """PNGs as W&B media (offline by default); never fails the analysis."""
+    wb = cfg.logger.wandb
+    if not wb.enabled or wb.mode == "disabled":
+        return
+    try:
+        import wandb
+
+        run = wandb.init(
+            project=wb.project,
+            entity=wb.entity,
+            group=wb.group,
+            job_type=wb.job_type,
+            name=wb.name or f"analyze-{cfg.experiment_name}",
+            tags=[str(t) for t in (wb.tags or [])] + ["analyze"],
+            dir=str(out),
+            mode=wb.mode,
+            config=OmegaConf.to_container(cfg, resolve=True),
+        )
+        run.log({f"analysis/{name}": wandb.Image(str(path)) for name, path in plots.items()})
+        run.summary["analysis/layers"] = summary["layers"]
+        run.finish()
+    except Exception as err:  # W&B is optional here: the files on disk are the result
+        log.warning("W&B logging of the analysis failed (%s); the files are written.", err)
+
+
+def run_analyze(cfg: DictConfig) -> dict[str, Any]:
+    """Analyse the teacher or ``method.student_path`` and write the results (see module)."""
+    from tnexp.config import apply_smoke
+    from tnexp.run import load_teacher
+    from tnexp.student import tensorize_spec
+
+    apply_smoke(cfg)
+    m = cfg.method
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(int(cfg.seed))
+    stats = None
+    if m.get("student_path"):
+        model = _load_student(cfg, str(m.student_path))
+        spec = None  # a tensorized model is cut with its own factors and bonds
+        source = f"tensorized student {m.student_path}"
+        what = "tensorized student"
+        if m.get("data_aware"):
+            # The student's layers get the *teacher's* input statistics (paper: teacher inputs).
+            stats = _stats(cfg, load_teacher(cfg), tensorize_spec(cfg))
+    else:
+        model = load_teacher(cfg)
+        spec = tensorize_spec(cfg) if m.get("use_spec", True) else None
+        source = "dense teacher" + (" at the sizes of cfg.tensorize" if spec else "")
+        what = "dense teacher"
+        if m.get("data_aware"):
+            if spec is None:
+                raise ValueError(
+                    "method.data_aware=true collects statistics for the spec's layers; set "
+                    "method.use_spec=true (the default) or data_aware=false."
+                )
+            stats = _stats(cfg, model, spec)
+    layers: list[LayerSpectrum] = analyze_spectra(
+        model, spec, stats=stats, num_sites=int(m.get("num_sites", 2))
+    )
+    write_json(layers, out / "spectra.json")
+    write_csv(layers, out / "spectra.csv")
+    model_name = str(cfg.model.get("name") or cfg.model._target_).rsplit(".", 1)[-1]
+    plots = write_plots(layers, out, title=f"{model_name} ({what})")
+    summary = summarize(layers)
+    results = {
+        "method": "analyze",
+        "experiment": cfg.experiment_name,
+        "source": source,
+        "data_aware": stats is not None,
+        # A few headline numbers; tnexp-aggregate lists the run (no table row).
+        "metrics": {"analysis": _headline(layers)},
+        "summary": summary,
+        "files": {
+            "json": "spectra.json",
+            "csv": "spectra.csv",
+            **{k: p.name for k, p in plots.items()},
+        },
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    _log_wandb(cfg, out, plots, summary)
+    _print_summary(summary, source, out)
+    return results
+
+
+def _headline(layers: list[LayerSpectrum]) -> dict[str, float | int]:
+    cuts = [cut for layer in layers for cut in layer.cuts]
+    errors = [c.truncation_error for c in cuts if c.truncation_error is not None]
+    return {
+        "layers": len(layers),
+        "entropy_mean": sum(c.entropy for c in cuts) / len(cuts),
+        "relative_entropy_mean": sum(c.entropy / c.max_entropy for c in cuts if c.max_entropy)
+        / max(1, sum(1 for c in cuts if c.max_entropy)),
+        **({"truncation_error_mean": sum(errors) / len(errors)} if errors else {}),
+    }
+
+
+def _print_summary(summary: dict[str, Any], source: str, out: Path) -> None:
+    from rich.table import Table
+
+    from tnexp.console import console as make_console
+
+    table = Table(title=f"bond spectra of the {source} ({summary['layers']} layers)")
+    for col in ("role", "cut", "layers", "S mean", "S max possible", "r90", "r99", "rank", "err"):
+        table.add_column(col, justify="left" if col in ("role", "cut") else "right")
+
+    def fmt(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    for row in summary["groups"]:
+        table.add_row(
+            row["group"],
+            row["cut"],
+            str(row["layers"]),
+            fmt(row["entropy_mean"], ".3f"),
+            fmt(row["max_entropy"], ".3f"),
+            fmt(row["rank_90_mean"], ".1f"),
+            fmt(row["rank_99_mean"], ".1f"),
+            fmt(row["rank_mean"], ".1f"),
+            fmt(row["truncation_error_mean"], ".3f"),
+        )
+    console = make_console()
+    console.print(table)
+    console.print(f"wrote spectra.json, spectra.csv and PNGs to {out}")
