@@ -29,6 +29,7 @@ __all__ = [
     "bytes_checksum",
     "checksum_matches",
     "file_checksum",
+    "fsync_dir",
     "sha256_file",
     "tensor_checksum",
 ]
@@ -80,7 +81,7 @@ def checksum_matches(path: str | Path, recorded: str | None) -> bool:
     return file_checksum(path) == recorded
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     # Makes the rename itself durable; not every filesystem allows opening a directory.
     with contextlib.suppress(OSError):
         fd = os.open(str(directory), os.O_RDONLY)
@@ -105,7 +106,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 

@@ -45,11 +45,11 @@ from torch import nn
 from tnexp.config import plain as _plain
 from tnexp.errors import TnexpError
 from tnexp.integrity import (
-    _fsync_dir,
     atomic_write_bytes,
     atomic_write_json,
     checksum_matches,
     file_checksum,
+    fsync_dir,
 )
 from tnexp.runtime import apply_thread_policy, runtime_record, usable_cores
 from tnexp.slicing import SlicePlan, SlicePlanError
@@ -420,7 +420,7 @@ def write_run_file(directory: str | Path, content: dict[str, Any]) -> dict[str, 
                 os.fsync(handle.fileno())
             try:
                 os.link(tmp, path)
-                _fsync_dir(directory)
+                fsync_dir(directory)
                 return content
             except FileExistsError:
                 pass  # another job won the race: compare with theirs below
