@@ -93,6 +93,11 @@ def test_stats_round_trip_and_refusals(tmp_path):
     assert torch.equal(back.gram("b"), torch.eye(3, dtype=torch.float64))
     with pytest.raises(CalibrationError, match="another x"):
         InputStats.load(path, expect={"x": 2})
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # same size, one flipped byte inside the Gram
+    path.write_bytes(bytes(data))
+    with pytest.raises(CalibrationError, match="damaged"):
+        InputStats.load(path)
     path.write_bytes(path.read_bytes()[:20])
     with pytest.raises(CalibrationError, match="rm "):
         InputStats.load(path)

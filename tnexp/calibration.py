@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from tnexp.integrity import atomic_write_bytes, tensor_checksum
 from tnexp.tn.errors import TensorizationError
 from tnexp.tn.mpo import is_hf_conv1d
 
@@ -71,19 +71,19 @@ class InputStats:
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> Path:
         """Atomically write ``<path>`` (safetensors) with the metadata in its header."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         header = {
             "format": str(FORMAT_VERSION),
+            "checksums": json.dumps({k: tensor_checksum(v) for k, v in self.grams.items()}),
             "samples": json.dumps(self.samples),
             "aliases": json.dumps(self.aliases),
             "meta": json.dumps(self.meta, default=str),
         }
-        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in self.grams.items()}, str(tmp), metadata=header)
-        os.replace(tmp, path)
+        data = save({k: v.contiguous() for k, v in self.grams.items()}, metadata=header)
+        atomic_write_bytes(path, data)
         return path
 
     @classmethod
@@ -98,6 +98,7 @@ class InputStats:
             with safe_open(str(path), framework="pt") as f:
                 header = f.metadata() or {}
                 grams = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            checksums = json.loads(header["checksums"])
             samples = json.loads(header["samples"])
             aliases = json.loads(header["aliases"])
             meta = json.loads(header["meta"])
@@ -115,6 +116,12 @@ class InputStats:
                     f"({meta.get(key)!r}, expected {value!r}); delete the file (rm {path}) "
                     "to recollect."
                 )
+        damaged = sorted(n for n, g in grams.items() if checksums.get(n) != tensor_checksum(g))
+        if damaged:
+            raise CalibrationError(
+                f"calibration statistics {path} are damaged (checksum mismatch in "
+                f"{damaged[:3]}); delete the file (rm {path}) and rerun to recollect them."
+            )
         for name, gram in grams.items():
             if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
                 raise CalibrationError(f"{path}: Gram of {name} is not square; delete it.")
