@@ -36,6 +36,7 @@ from torch.utils.data import Dataset, Sampler
 
 from tnexp.errors import IntegrityError, TnexpError
 from tnexp.integrity import atomic_write_json, checksum_matches, sha256_file, tensor_checksum
+from tnexp.rundir import pid_alive
 from tnexp.slicing import Slice, SlicePlan, SlicePlanError, first_tensor
 
 __all__ = [
@@ -486,16 +487,6 @@ def _partial_name(directory: Path) -> Path:
     return directory.parent / f"{directory.name}.partial-{suffix}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def clean_partials(directory: str | Path) -> list[Path]:
     """Remove ``<directory>.partial-*`` left by killed captures on this host; report others.
 
@@ -511,7 +502,7 @@ def clean_partials(directory: str | Path) -> list[Path]:
     for partial in _partials(directory):
         parts = partial.name.rsplit(".partial-", 1)[1].rsplit("-", 2)
         pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
-        if parts[0] == host and pid is not None and not _pid_alive(pid):
+        if parts[0] == host and pid is not None and not pid_alive(pid):
             shutil.rmtree(partial, ignore_errors=True)
             removed.append(partial)
             log.warning("removed %s, left by a killed feature capture (PID %d)", partial, pid)

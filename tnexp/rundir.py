@@ -21,13 +21,20 @@ from typing import Any
 
 from tnexp.errors import RunDirectoryError
 
-__all__ = ["LOCK_FILE", "RunDirectoryGuard", "check_run_directory", "run_directory_lock"]
+__all__ = [
+    "LOCK_FILE",
+    "RunDirectoryGuard",
+    "check_run_directory",
+    "pid_alive",
+    "run_directory_lock",
+]
 
 LOCK_FILE = ".tnexp-run.lock"
 log = logging.getLogger("tnexp")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -68,7 +75,7 @@ def _in_use_error(directory: Path, path: Path, held: dict[str, Any]) -> RunDirec
 
 def _is_stale(held: dict[str, Any]) -> bool:
     pid = held.get("pid")
-    return held.get("host") == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid)
+    return held.get("host") == socket.gethostname() and isinstance(pid, int) and not pid_alive(pid)
 
 
 def check_run_directory(directory: str | Path) -> None:
