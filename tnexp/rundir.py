@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
+
 from tnexp.errors import RunDirectoryError
 
 __all__ = [
@@ -89,9 +91,12 @@ def check_run_directory(directory: str | Path) -> None:
             raise _in_use_error(directory, path, held)
 
 
-class RunDirectoryGuard:
+class RunDirectoryGuard(Callback):
     """Hydra callback (configs/hydra/default.yaml): checks the run directory's lock in
-    ``on_run_start``, i.e. before Hydra saves its config files and opens its log there."""
+    ``on_run_start``, i.e. before Hydra saves its config files and opens its log there.
+
+    Subclassing Hydra's ``Callback`` gives the other hooks as no-ops (without it Hydra warns
+    that ``on_job_start`` is missing on every run)."""
 
     def on_run_start(self, config: Any, **kwargs: Any) -> None:
         from omegaconf import OmegaConf
