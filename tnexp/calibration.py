@@ -32,7 +32,7 @@ from tnexp.integrity import atomic_write_bytes, tensor_checksum
 from tnexp.tn.errors import TensorizationError
 from tnexp.tn.mpo import is_hf_conv1d
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-Gram checksums in the header
 
 
 class CalibrationError(TensorizationError):
@@ -94,21 +94,29 @@ class InputStats:
         path = Path(path)
         if not path.is_file():
             raise CalibrationError(f"calibration statistics {path} do not exist.")
+        remedy = f"delete the file (rm {path}) and rerun to recollect them"
         try:
             with safe_open(str(path), framework="pt") as f:
                 header = f.metadata() or {}
                 grams = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        except Exception as err:  # safetensors raises its own types on damage
+            raise CalibrationError(
+                f"calibration statistics {path} are unreadable ({err}); {remedy}."
+            ) from None
+        if header.get("format") != str(FORMAT_VERSION):
+            raise CalibrationError(
+                f"calibration statistics {path} have format {header.get('format')!r}, this "
+                f"tnexp writes {FORMAT_VERSION}; {remedy}."
+            )
+        try:
             checksums = json.loads(header["checksums"])
             samples = json.loads(header["samples"])
             aliases = json.loads(header["aliases"])
             meta = json.loads(header["meta"])
-        except Exception as err:  # safetensors / json raise their own types on damage
+        except (KeyError, ValueError) as err:
             raise CalibrationError(
-                f"calibration statistics {path} are unreadable ({err}); delete the file "
-                f"(rm {path}) and rerun to recollect them."
+                f"calibration statistics {path} have a damaged header ({err}); {remedy}."
             ) from None
-        if header.get("format") != str(FORMAT_VERSION):
-            raise CalibrationError(f"{path} has format {header.get('format')!r}; delete it.")
         for key, value in (expect or {}).items():
             if meta.get(key) != value:
                 raise CalibrationError(
