@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tnexp.analysis.spectra import CutSpectrum, LayerSpectrum
+from tnexp.integrity import atomic_write_json
 
 __all__ = [
     "CSV_FIELDS",
@@ -51,11 +52,8 @@ CSV_FIELDS = (
 # --------------------------------------------------------------------------- tables
 def write_json(layers: Sequence[LayerSpectrum], path: str | Path) -> Path:
     """Every layer with every singular value (the full record; CSV is the summary)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"summary": summarize(layers), "layers": [layer.to_dict() for layer in layers]}
-    path.write_text(json.dumps(payload, indent=1))
-    return path
+    return atomic_write_json(path, payload, indent=1)
 
 
 def read_json(path: str | Path) -> list[LayerSpectrum]:

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tnexp.analysis.report import summarize, write_csv, write_json, write_plots
 from tnexp.analysis.spectra import LayerSpectrum, analyze_spectra
+from tnexp.integrity import atomic_write_json
 
 log = logging.getLogger("tnexp")
 
@@ -130,7 +131,7 @@ def run_analyze(cfg: DictConfig) -> dict[str, Any]:
         },
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    atomic_write_json(out / "results.json", results)
     _log_wandb(cfg, out, plots, summary)
     _print_summary(summary, source, out)
     return results
