@@ -3,7 +3,7 @@
 # all 90 MLP projections as whitened low-rank MPOs at an overall CR of 0.3, per-layer ranks
 # from the whitened spectra, then local recovery with a warm-up + cosine schedule.
 # Usage: bash experiments/smollm2_data_aware.sh [output root] [budget dd:hh:mm:ss] [cr] [overrides...]
-# Environment: LR (default 1e-4), ALLOCATION (uniform), CALIBRATION_BATCHES (64).
+# Environment: LR (default 5e-4), ALLOCATION (uniform), CALIBRATION_BATCHES (64).
 set -euo pipefail
 root=${1:-outputs/smollm2_data_aware}
 budget=${2:-00:00:20:00}
@@ -18,5 +18,5 @@ common=(model=smollm2_135m data=stdlib_text tensorize=mpo_llama_mlp "tensorize.o
         eval.perplexity.max_tokens=8192 logger=csv callbacks.progress_bar=tqdm
         experiment_name=smollm2_data_aware)
 uv run tnexp method=local "${common[@]}" method.local.batch_size=8 \
-  "method.local.optimizer.lr=${LR:-1e-4}" +method.local.optimizer.scheduler=cosine \
-  +method.local.optimizer.warmup_steps=10 hydra.run.dir="$root/local-cr$cr-lr${LR:-1e-4}" "$@"
+  "method.local.optimizer.lr=${LR:-5e-4}" +method.local.optimizer.scheduler=cosine \
+  +method.local.optimizer.warmup_steps=10 hydra.run.dir="$root/local-cr$cr-lr${LR:-5e-4}" "$@"
