@@ -80,3 +80,25 @@ def test_svd_init_needs_no_calibration(teacher_dir, tmp_path):
     cfg = make_cfg(tmp_path, "method=local", f"teacher.path={teacher_dir}", "tensorize.init=svd")
     _student(cfg)
     assert not (tmp_path / "cache" / "calibration").exists()
+
+
+def test_statistics_of_an_older_format_are_recollected(teacher_dir, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cfg = make_cfg(
+        tmp_path,
+        "method=local",
+        f"teacher.path={teacher_dir}",
+        "tensorize.init=als",
+        "tensorize.calibration.num_batches=1",
+        "tensorize.als_sweeps=1",
+    )
+    _student(cfg)
+    (path,) = (tmp_path / "cache" / "calibration").glob("*.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    save_file(tensors, str(path), metadata={"format": "1"})  # what an older tnexp wrote
+    _student(cfg)
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["format"] == "2"

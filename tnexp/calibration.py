@@ -39,6 +39,10 @@ class CalibrationError(TensorizationError):
     """Missing, empty, stale or corrupt calibration statistics."""
 
 
+class CalibrationFormatError(CalibrationError):
+    """Statistics written by an older tnexp (a cache: safe to recollect)."""
+
+
 @dataclass
 class InputStats:
     """Per-layer input Gram matrices (mean over samples) and where they came from."""
@@ -104,7 +108,7 @@ class InputStats:
                 f"calibration statistics {path} are unreadable ({err}); {remedy}."
             ) from None
         if header.get("format") != str(FORMAT_VERSION):
-            raise CalibrationError(
+            raise CalibrationFormatError(
                 f"calibration statistics {path} have format {header.get('format')!r}, this "
                 f"tnexp writes {FORMAT_VERSION}; {remedy}."
             )
@@ -342,6 +346,7 @@ def stats_key(parts: Mapping[str, Any]) -> str:
 
 __all__ = [
     "CalibrationError",
+    "CalibrationFormatError",
     "GramAccumulator",
     "InputStats",
     "collect_input_stats",

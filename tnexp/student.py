@@ -21,7 +21,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tnexp.calibration import CalibrationError, InputStats, collect_input_stats, stats_key
+from tnexp.calibration import (
+    CalibrationError,
+    CalibrationFormatError,
+    InputStats,
+    collect_input_stats,
+    stats_key,
+)
 from tnexp.factory import (
     DATA_INITS,
     TensorizeReport,
@@ -128,8 +134,12 @@ def calibration_stats(
     directory.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):  # concurrent slice jobs: one collects, all load
         if path.is_file():
-            log.info("calibration statistics loaded from %s", path)
-            return InputStats.load(path, expect={"key": key})
+            try:
+                stats = InputStats.load(path, expect={"key": key})
+                log.info("calibration statistics loaded from %s", path)
+                return stats
+            except CalibrationFormatError as err:  # an older tnexp's file: recollect it
+                log.warning("%s; recollecting", str(err).split(";")[0])
         with preserved_rng():
             stats = collect_input_stats(
                 teacher,
