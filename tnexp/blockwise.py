@@ -1590,7 +1590,7 @@ def run_memory_bounded_stage(cfg: Any) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     from tnexp.config import plain as _plain
-    from tnexp.factory import save_tensorized
+    from tnexp.factory import needs_input_stats, save_tensorized
     from tnexp.run import (
         _finish_loggers,
         _run_name,
@@ -1603,7 +1603,7 @@ def run_memory_bounded_stage(cfg: Any) -> dict[str, Any]:
         resolve_teacher_path,
     )
     from tnexp.runtime import runtime_record
-    from tnexp.student import build_student, needs_calibration, tensorize_spec
+    from tnexp.student import build_student, tensorize_spec
 
     method = cfg.method
     mb = method.memory_bounded
@@ -1665,7 +1665,7 @@ def run_memory_bounded_stage(cfg: Any) -> dict[str, Any]:
         student, report = build_student(cfg, teacher, datamodule, task, spec=spec)
         teacher_weights = None
     else:
-        if needs_calibration(spec):
+        if needs_input_stats(spec):
             raise BlockwiseError(
                 "data-aware tensorization (init whiten/als, layout auto) needs the teacher's "
                 "input statistics, which offload=disk does not collect block by block yet; "

@@ -659,6 +659,17 @@ def _needs_stats(item: _Planned) -> bool:
     return item.rule.init in DATA_INITS or item.layout == "auto"
 
 
+def needs_input_stats(spec: TensorizeSpec) -> bool:
+    """Whether ``tensorize(..., spec)`` needs the teacher's input statistics (init whiten /
+    als, layout auto) or uses them (adaptive ranks of low-rank layers: whitened spectra)."""
+    return any(
+        r.init in DATA_INITS
+        or r.layout == "auto"
+        or (spec.allocation == "adaptive" and r.layout == "lowrank")
+        for r in spec.rules
+    )
+
+
 def _missing_stats(item: _Planned) -> TensorizationError:
     return TensorizationError(
         f"{item.name}: init {item.rule.init!r} / layout {item.layout!r} needs input "
@@ -1047,6 +1058,7 @@ __all__ = [
     "count_parameters",
     "load_tensorized",
     "merge_for_inference",
+    "needs_input_stats",
     "plan_layers",
     "rule_from_config",
     "save_tensorized",

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from tnexp.errors import ConfigError
+
 __all__ = [
     "ThreadChoice",
     "ThreadPolicyCallback",
@@ -99,7 +101,7 @@ def parse_threads(value: Any, key: str = "runtime.threads") -> int | str:
                 return n
         except (TypeError, ValueError):
             pass
-    raise ValueError(
+    raise ConfigError(
         f"{key} must be 'auto' or a whole number of threads >= 1, got {value!r}; e.g. "
         f"{key}=auto (the policy) or {key}=1."
     )
@@ -113,7 +115,7 @@ def _env_threads(env: dict[str, str] | os._Environ) -> int | None:
         # OpenMP allows a list ("4,2") for nested levels; the first is the outer pool.
         return int(parse_threads(raw.split(",")[0], "OMP_NUM_THREADS"))
     except ValueError:
-        raise ValueError(
+        raise ConfigError(
             f"OMP_NUM_THREADS={raw!r} is not a positive whole number; unset it or set e.g. "
             "OMP_NUM_THREADS=1."
         ) from None
@@ -292,7 +294,7 @@ def _runtime_cfg(cfg: DictConfig | None) -> tuple[Any, float]:
     except (TypeError, ValueError):
         tiny = -1.0
     if tiny < 0:
-        raise ValueError(
+        raise ConfigError(
             f"runtime.tiny_step_gflop must be a number >= 0, got {node.get('tiny_step_gflop')!r}."
         )
     return node.get("threads", "auto"), tiny
@@ -314,7 +316,7 @@ def _data_workers(cfg: DictConfig, choice: ThreadChoice, launcher: str | None) -
     except (TypeError, ValueError):
         n = -1
     if n < 0:
-        raise ValueError(
+        raise ConfigError(
             f"data.num_workers must be 'auto' or a whole number >= 0, got {requested!r}."
         )
     return n
@@ -337,7 +339,7 @@ def apply_thread_policy(
     setting, tiny = _runtime_cfg(cfg)
     setting = parse_threads(setting)
     if cfg is not None and OmegaConf.select(cfg, "method.slice_jobs.threads_per_job") is not None:
-        raise ValueError(
+        raise ConfigError(
             "method.slice_jobs.threads_per_job was replaced by runtime.threads (one thread "
             "policy for every run); e.g. runtime.threads=auto or runtime.threads=1."
         )

@@ -29,9 +29,9 @@ from tnexp.calibration import (
     stats_key,
 )
 from tnexp.factory import (
-    DATA_INITS,
     TensorizeReport,
     TensorizeSpec,
+    needs_input_stats,
     plan_layers,
     tensorize,
 )
@@ -53,16 +53,6 @@ def tensorize_spec(cfg: DictConfig) -> TensorizeSpec:
     """The factory's spec from ``cfg.tensorize`` (calibration settings stay in the config)."""
     t = OmegaConf.to_container(cfg.tensorize, resolve=True)
     return TensorizeSpec.from_config({k: t[k] for k in SPEC_KEYS if k in t})
-
-
-def needs_calibration(spec: TensorizeSpec) -> bool:
-    """Whether the spec asks for input statistics (data-aware init, layout or ranks)."""
-    return any(
-        r.init in DATA_INITS
-        or r.layout == "auto"
-        or (spec.allocation == "adaptive" and r.layout == "lowrank")
-        for r in spec.rules
-    )
 
 
 @contextlib.contextmanager
@@ -103,7 +93,7 @@ def calibration_stats(
 
     ``None`` when the spec needs none, unless ``force`` (analyses that want them anyway).
     """
-    if not (force or needs_calibration(spec)):
+    if not (force or needs_input_stats(spec)):
         return None
     from filelock import FileLock
 
@@ -187,7 +177,6 @@ def build_student(
 __all__ = [
     "build_student",
     "calibration_stats",
-    "needs_calibration",
     "preserved_rng",
     "tensorize_spec",
 ]
