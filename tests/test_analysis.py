@@ -211,8 +211,19 @@ def test_stage_on_the_digits_model(tmp_path):
             f"method.student_path={local}",
             "method.data_aware=true",
             "tensorize.calibration.num_batches=2",
+            "method.propagation.enabled=true",
+            "method.propagation.num_batches=2",
+            "method.propagation.eval_batches=2",
         )
     )
+    record = json.loads((out / "propagation.json").read_text())
+    slices = len(record["slices"])
+    assert slices == 4 and len(record["replacement"]) == slices + 1
+    assert record["metric"] == "top1" and (out / "propagation.png").is_file()
+    assert results["metrics"]["propagation"]["slices"] == slices
+    first = record["slices"][0]
+    assert first["input_error"] == 0.0  # nothing before the first slice
+    assert first["student_input_error"] == pytest.approx(first["teacher_input_error"])
     assert results["data_aware"] and "tensorized student" in results["source"]
     layers = json.loads((out / "spectra.json").read_text())["layers"]
     assert len(layers) == 8 and all(layer["source"] == "tensorized" for layer in layers)
@@ -221,6 +232,17 @@ def test_stage_on_the_digits_model(tmp_path):
 
     ax = figure_entropy_depth(read_json(out / "spectra.json")).axes[0]
     assert any("whitened" in line.get_label() for line in ax.lines)
+
+
+def test_propagation_needs_a_student(tmp_path):
+    from stages import make_cfg
+
+    from tnexp.errors import ConfigError
+    from tnexp.run import run
+
+    cfg = make_cfg(tmp_path / "a", "method=analyze", "method.propagation.enabled=true")
+    with pytest.raises(ConfigError, match=r"method\.student_path"):
+        run(cfg)
 
 
 def test_stage_logs_plots_to_wandb_offline(tmp_path, monkeypatch):

@@ -139,7 +139,7 @@ def summarize(layers: Sequence[LayerSpectrum]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- figures
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
     # Figure + FigureCanvasAgg instead of pyplot: no global backend switch, no GUI.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -169,7 +169,7 @@ def figure_spectra(layers: Sequence[LayerSpectrum], *, title: str | None = None)
     groups = _by_group(layers)
     ncols = min(3, len(groups))
     nrows = math.ceil(len(groups) / ncols)
-    fig = _figure(4.2 * ncols, 3.2 * nrows)
+    fig = new_figure(4.2 * ncols, 3.2 * nrows)
     cmap = colormaps["viridis"]
     for index, (group, members) in enumerate(groups.items()):
         ax = fig.add_subplot(nrows, ncols, index + 1)
@@ -196,7 +196,7 @@ def figure_entropy_depth(layers: Sequence[LayerSpectrum], *, title: str | None =
     """Left: entanglement entropy per cut vs depth, one line per role and cut (dotted: the
     whitened low-rank cut, with input statistics). Right: the rank holding 90% of the
     energy at the central cut vs the chosen rank."""
-    fig = _figure(11.0, 4.2)
+    fig = new_figure(11.0, 4.2)
     ax_s, ax_r = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     for group, members in _by_group(layers).items():
         depth = range(len(members))
@@ -265,7 +265,7 @@ def figure_entropy_heatmap(layers: Sequence[LayerSpectrum], *, title: str | None
         for cut in layer.cuts:
             if cut.max_entropy > 0:
                 grid[row, cuts.index(cut.cut)] = cut.entropy / cut.max_entropy
-    fig = _figure(max(4.5, 1.2 * len(cuts) + 3.5), max(3.0, 0.11 * len(layers) + 1.5))
+    fig = new_figure(max(4.5, 1.2 * len(cuts) + 3.5), max(3.0, 0.11 * len(layers) + 1.5))
     ax = fig.add_subplot()
     image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="magma")
     ax.set_xticks(range(len(cuts)), cuts, fontsize=8)

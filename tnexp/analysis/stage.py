@@ -4,7 +4,8 @@ Analyses the teacher (``tnexp.run.load_teacher``) at the sizes ``cfg.tensorize``
 give it, or a saved tensorized student (``method.student_path``, a ``student/`` folder
 written by a local/global/hybrid run). Writes ``spectra.json``, ``spectra.csv``,
 ``spectra.png``, ``entropy_depth.png``, ``entropy_heatmap.png`` and ``results.json``
-into ``paths.output_dir``.
+into ``paths.output_dir``; with ``method.propagation.enabled`` (a student only) also
+``propagation.json`` / ``.csv`` / ``.png`` (:mod:`tnexp.analysis.propagation`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,19 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from tnexp.analysis.propagation import (
+    progressive_replacement,
+    propagation_errors,
+    propagation_record,
+    replacement_order,
+    write_propagation,
+)
 from tnexp.analysis.report import summarize, write_csv, write_json, write_plots
 from tnexp.analysis.spectra import LayerSpectrum, analyze_spectra
+from tnexp.config import plain
+from tnexp.errors import ConfigError
 from tnexp.integrity import atomic_write_json
+from tnexp.slicing import make_slice_plan
 
 log = logging.getLogger("tnexp")
 
@@ -84,6 +95,12 @@ def run_analyze(cfg: DictConfig) -> dict[str, Any]:
 
     apply_smoke(cfg)
     m = cfg.method
+    propagation = m.get("propagation") or {}
+    if propagation.get("enabled") and not m.get("student_path"):
+        raise ConfigError(
+            "method.propagation.enabled=true compares a tensorized student with its teacher; "
+            "set method.student_path to a local/global/hybrid run folder (or its student/)."
+        )
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(int(cfg.seed))
@@ -116,18 +133,24 @@ def run_analyze(cfg: DictConfig) -> dict[str, Any]:
     model_name = str(cfg.model.get("name") or cfg.model._target_).rsplit(".", 1)[-1]
     plots = write_plots(layers, out, title=f"{model_name} ({what})")
     summary = summarize(layers)
+    extra: dict[str, Any] = {}
+    if propagation.get("enabled"):
+        record, files = _propagation(cfg, model, out, title=f"{model_name} ({what})")
+        plots["propagation"] = out / files["propagation_png"]
+        extra = {"propagation": record["summary"]}
     results = {
         "method": "analyze",
         "experiment": cfg.experiment_name,
         "source": source,
         "data_aware": stats is not None,
         # A few headline numbers; tnexp-aggregate lists the run (no table row).
-        "metrics": {"analysis": _headline(layers)},
+        "metrics": {"analysis": _headline(layers), **extra},
         "summary": summary,
         "files": {
             "json": "spectra.json",
             "csv": "spectra.csv",
             **{k: p.name for k, p in plots.items()},
+            **({"propagation": "propagation.json"} if extra else {}),
         },
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
@@ -135,6 +158,106 @@ def run_analyze(cfg: DictConfig) -> dict[str, Any]:
     _log_wandb(cfg, out, plots, summary)
     _print_summary(summary, source, out)
     return results
+
+
+def _propagation(
+    cfg: DictConfig, student: torch.nn.Module, out: Path, *, title: str
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Per-slice error propagation and the progressive replacement ablation (see module)."""
+    from tnexp.run import build_datamodule, build_task, is_language_model, load_teacher
+
+    p = cfg.method.propagation
+    teacher = load_teacher(cfg).eval()
+    plan = make_slice_plan(student, plain(p.slicing))
+    datamodule, task = build_datamodule(cfg), build_task(cfg)
+    datamodule.setup("validate")
+    progress = cfg.callbacks.get("progress_bar", "none") != "none"
+    errors = propagation_errors(
+        teacher,
+        student,
+        plan,
+        datamodule.val_dataloader(),
+        model_inputs=task.model_inputs,
+        num_batches=int(p.num_batches),
+        progress=progress,
+    )
+    steps = []
+    metric = "token_ppl" if is_language_model(cfg) else "top1"
+    if str(p.order) != "none":
+        evaluate = (
+            _perplexity_metric(cfg, datamodule)
+            if is_language_model(cfg)
+            else _top1_metric(datamodule, task, int(p.eval_batches))
+        )
+        order = replacement_order(plan, str(p.order), errors)
+        steps = progressive_replacement(
+            teacher, student, plan, evaluate, order=order, progress=progress
+        )
+    files = write_propagation(errors, steps, out, metric=metric, title=title)
+    record = propagation_record(errors, steps, metric)
+    _print_propagation(errors, steps, metric)
+    return record, {k: v.name for k, v in files.items()}
+
+
+def _top1_metric(datamodule: Any, task: Any, batches: int):
+    loader = datamodule.val_dataloader()
+
+    @torch.no_grad()
+    def top1(model: torch.nn.Module) -> float:
+        correct = total = 0
+        for i, batch in enumerate(loader):
+            if i >= batches:
+                break
+            predicted = task.forward(model, batch).argmax(-1)
+            target = task.targets(batch)
+            correct += int((predicted == target).sum())
+            total += int(target.numel())
+        return 100.0 * correct / max(total, 1)
+
+    return top1
+
+
+def _perplexity_metric(cfg: DictConfig, datamodule: Any):
+    from tnexp.eval import sliding_window_perplexity
+
+    ev = cfg.eval.perplexity
+    tokens = datamodule.val_tokens
+    if ev.max_tokens:
+        tokens = tokens[: int(ev.max_tokens)]
+    max_length = int(ev.max_length or cfg.data.seq_len)
+    stride = int(ev.stride or max(1, max_length // 2))
+
+    def perplexity(model: torch.nn.Module) -> float:
+        device = next(model.parameters()).device
+        result = sliding_window_perplexity(
+            model, tokens, max_length=max_length, stride=stride, device=device
+        )
+        return float(result["ppl"])
+
+    return perplexity
+
+
+def _print_propagation(errors: list, steps: list, metric: str) -> None:
+    from rich.table import Table
+
+    from tnexp.console import console as make_console
+
+    table = Table(title="error propagation (relative output error per slice)")
+    for col in ("slice", "teacher in", "student in", "amplification", "cos (student in)"):
+        table.add_column(col, justify="left" if col == "slice" else "right")
+    for e in errors:
+        table.add_row(
+            e.slice,
+            f"{e.teacher_input_error:.4f}",
+            f"{e.student_input_error:.4f}",
+            f"{e.amplification:.2f}",
+            f"{e.student_input_cosine:.4f}",
+        )
+    console = make_console()
+    console.print(table)
+    if steps:
+        line = ", ".join(f"{s.replaced}: {s.metric:.2f}" for s in steps)
+        console.print(f"{metric} after replacing k slices: {line}")
 
 
 def _headline(layers: list[LayerSpectrum]) -> dict[str, float | int]:
