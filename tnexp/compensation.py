@@ -1,0 +1,378 @@
+"""Error compensation inside slices: later layers refitted to the teacher from student inputs.
+
+A data-aware init fits every layer to the *teacher's* inputs. Inside a slice, though, a
+layer that follows another tensorized layer (``down_proj`` after ``gate_proj``/``up_proj``,
+``conv2`` after ``conv1``) receives the student's already approximated activations.
+Compensation refits such a layer to reproduce the teacher layer's output from those
+student inputs, i.e. it minimises, on the calibration batches,
+
+    ||X_s W' - X_t W||_F^2 = ||X_s (W' - W_ls)||_F^2 + const,
+    W_ls = (X_s^T X_s)^{-1} X_s^T X_t W,
+
+so the existing solvers apply unchanged with the student Gram ``G_ss`` and the target
+``W_ls`` (whitened truncation for the low-rank layout, ALS from the current cores or
+Tucker factors otherwise). This is the slice's local distillation objective restricted to
+one layer, solved in closed form. Layers are processed stage by stage (stage ``k`` =
+the ``k``-th distinct input tensor met inside the slice), each stage one pass over the
+calibration batches with the earlier stages already refitted; the first stage sees the
+teacher's inputs exactly and is left as it is. A refit that would raise a layer's error
+is not applied.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from tnexp.calibration import layer_input_rows
+from tnexp.features import FeatureCapture, to_device
+from tnexp.slicing import SlicePlan
+from tnexp.tn.datainit import (
+    DEFAULT_DAMPING,
+    conv_weight_matrix,
+    input_on_first_site,
+    mpo_als,
+    mpo_contract,
+    mpo_whiten,
+    tucker2_als,
+    tucker2_matrix,
+)
+from tnexp.tn.errors import TensorizationError
+from tnexp.tn.mpo import MPOLinear, linear_weight_in_out
+from tnexp.tn.tucker import TuckerConv2d
+
+log = logging.getLogger("tnexp")
+
+__all__ = ["CompensationResult", "compensate_slices", "slice_stages"]
+
+
+@dataclass
+class CompensationResult:
+    """Per refitted layer: its stage and relative output error before / after the refit.
+
+    The error is ``||X_s W' - X_t W|| / ||X_t W||`` on the calibration batches: what the
+    layer's output misses of the teacher's, given the student's own inputs.
+    """
+
+    layers: dict[str, dict[str, float]] = field(default_factory=dict)
+    stages: int = 0
+    batches: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": self.layers, "stages": self.stages, "batches": self.batches}
+
+
+class _Sums:
+    """Running sums ``X_s^T X_s``, ``X_s^T X_t``, ``X_t^T X_t`` of one input group."""
+
+    def __init__(self) -> None:
+        self.ss: torch.Tensor | None = None
+        self.st: torch.Tensor | None = None
+        self.tt: torch.Tensor | None = None
+        self.rows = 0
+
+    def add(self, xs: torch.Tensor, xt: torch.Tensor) -> None:
+        if xs.shape != xt.shape:
+            raise TensorizationError(
+                f"student and teacher layer inputs differ in shape ({tuple(xs.shape)} vs "
+                f"{tuple(xt.shape)}); compensation needs the same tokens / patches in both."
+            )
+        xs, xt = xs.float(), xt.float()  # one batch in float32, sums in float64
+        ss, st, tt = (xs.T @ xs).double(), (xs.T @ xt).double(), (xt.T @ xt).double()
+        if self.ss is None:
+            self.ss, self.st, self.tt = ss, st, tt
+        else:
+            self.ss += ss
+            self.st += st
+            self.tt += tt
+        self.rows += xs.shape[0]
+
+    def means(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = max(self.rows, 1)
+        return self.ss / n, self.st / n, self.tt / n
+
+
+def _tensorized_layers(model: nn.Module, plan: SlicePlan) -> dict[str, list[str]]:
+    from tnexp.factory import tensorized_modules
+
+    found = {}
+    for piece in plan:
+        names = []
+        for path, module in zip(piece.paths, piece.modules(model)):
+            names += [f"{path}.{sub}" if sub else path for sub in tensorized_modules(module)]
+        found[piece.name] = names
+    return found
+
+
+@torch.no_grad()
+def slice_stages(
+    teacher: nn.Module, student: nn.Module, plan: SlicePlan, inputs: Any
+) -> dict[str, list[list[str]]]:
+    """Per slice, its tensorized layers grouped by shared input tensor, in execution order.
+
+    Found by running each student slice once on the teacher's slice input of ``inputs``:
+    layers called on the same tensor (``gate_proj``/``up_proj``, ``conv1``/``downsample``)
+    form one group; the ``k``-th distinct input is stage ``k``.
+    """
+    layers = _tensorized_layers(student, plan)
+    features = FeatureCapture(teacher, plan, stop_after_last=True)(inputs)
+    stages: dict[str, list[list[str]]] = {}
+    for piece in plan:
+        grouping = _InputGroups()
+        handles = [
+            student.get_submodule(n).register_forward_pre_hook(grouping.hook(n))
+            for n in layers[piece.name]
+        ]
+        try:
+            f = features[piece.name]
+            piece.forward(student, f.input, **f.kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        stages[piece.name] = grouping.groups
+    return stages
+
+
+class _InputGroups:
+    """Layer names grouped by the input tensor they were called on, in order of first use."""
+
+    def __init__(self) -> None:
+        self.groups: list[list[str]] = []
+        self._index: dict[tuple, int] = {}
+        self._alive: list[torch.Tensor] = []  # no address reuse while the slice runs
+
+    def hook(self, name: str) -> Callable:
+        def record(_module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+            if key not in self._index:
+                self._index[key] = len(self.groups)
+                self.groups.append([])
+                self._alive.append(x)
+            group = self.groups[self._index[key]]
+            if name not in group:
+                group.append(name)
+
+        return record
+
+
+def _dense_matrix(module: nn.Module) -> torch.Tensor:
+    """The teacher layer's weight as the ``(in, out)`` matrix its input rows multiply."""
+    if isinstance(module, nn.Conv2d):
+        return conv_weight_matrix(module.weight.detach().double())
+    return linear_weight_in_out(module).double()
+
+
+def _approx_matrix(layer: nn.Module) -> torch.Tensor:
+    if isinstance(layer, MPOLinear):
+        return mpo_contract([c.detach().double() for c in layer.cores])
+    if isinstance(layer, TuckerConv2d):
+        return tucker2_matrix(*(f.double() for f in _tucker_factors(layer)))
+    raise TensorizationError(f"cannot compensate a {type(layer).__name__}.")
+
+
+def _tucker_factors(layer: TuckerConv2d) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(core, U_out, U_in) of a TuckerConv2d, as tnexp.tn.datainit orders them."""
+    return (
+        layer.core.weight.detach(),
+        layer.last.weight.detach()[:, :, 0, 0],
+        layer.first.weight.detach()[:, :, 0, 0].t(),
+    )
+
+
+def _relative_error(
+    approx: torch.Tensor, w: torch.Tensor, ss: torch.Tensor, st: torch.Tensor, tt: torch.Tensor
+) -> float:
+    reference = float((w * (tt @ w)).sum())
+    value = (approx * (ss @ approx)).sum() - 2 * (approx * (st @ w)).sum() + reference
+    return max(float(value), 0.0) ** 0.5 / max(reference, 1e-30) ** 0.5
+
+
+def _refit(
+    layer: nn.Module,
+    target: torch.Tensor,
+    gram: torch.Tensor,
+    *,
+    damping: float,
+    sweeps: int,
+    tol: float,
+) -> Callable[[], None]:
+    """The refit of ``layer`` to ``target`` under ``gram``, as a function that applies it."""
+    if isinstance(layer, MPOLinear):
+        if input_on_first_site(layer.in_factors):
+            cores = mpo_whiten(
+                target, gram, layer.in_factors, layer.out_factors, layer.bonds,
+                damping=damping,
+            )  # fmt: skip
+        else:
+            cores, _ = mpo_als(
+                target,
+                gram,
+                [c.detach() for c in layer.cores],
+                layer.in_factors,
+                layer.out_factors,
+                damping=damping,
+                max_sweeps=sweeps,
+                tol=tol,
+            )
+        return lambda: layer.set_cores(cores)
+    core, u_out, u_in = _tucker_factors(layer)
+    c_out = u_out.shape[0]
+    kh, kw = core.shape[2:]
+    kernel = target.reshape(-1, kh, kw, c_out).permute(3, 0, 1, 2)
+    factors, _ = tucker2_als(
+        kernel, gram, core, u_out, u_in, damping=damping, max_sweeps=sweeps, tol=tol
+    )
+    return lambda: layer.set_factors(*factors)
+
+
+@torch.no_grad()
+def compensate_slices(
+    teacher: nn.Module,
+    student: nn.Module,
+    plan: SlicePlan,
+    batches: Iterable[Any],
+    *,
+    model_inputs: Callable[[Any], Any],
+    num_batches: int,
+    damping: float = DEFAULT_DAMPING,
+    als_sweeps: int = 4,
+    als_tol: float = 1e-4,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> CompensationResult:
+    """Refit the later-stage tensorized layers of every slice of ``student`` (see module).
+
+    ``batches`` is iterated once per stage after the first (the same ``num_batches``
+    batches each time when the loader is deterministic); ``student`` is changed in place.
+    """
+    if num_batches <= 0:
+        raise ValueError(f"num_batches must be positive, got {num_batches}.")
+    batches = list(_take(batches, num_batches))
+    if not batches:
+        raise TensorizationError("compensation got no calibration batch (empty data loader).")
+    was = teacher.training, student.training
+    teacher.eval(), student.eval()
+    device = torch.device(device) if device is not None else next(student.parameters()).device
+    try:
+        stages = slice_stages(teacher, student, plan, to_device(model_inputs(batches[0]), device))
+        result = CompensationResult(
+            stages=max(len(g) for g in stages.values()), batches=len(batches)
+        )
+        for stage in range(1, result.stages):
+            groups = {s: g[stage] for s, g in stages.items() if len(g) > stage}
+            sums = _accumulate(teacher, student, plan, groups, batches, model_inputs, device,
+                               progress=progress, stage=stage)  # fmt: skip
+            for slice_name, names in groups.items():
+                ss, st, tt = sums[slice_name].means()
+                lam = damping * float(ss.diagonal().mean())
+                eye = torch.eye(ss.shape[0], dtype=ss.dtype)
+                for name in names:
+                    layer = student.get_submodule(name)
+                    w = _dense_matrix(teacher.get_submodule(name))
+                    before = _relative_error(_approx_matrix(layer), w, ss, st, tt)
+                    # Ridge towards the teacher's own weight: directions the student's
+                    # inputs never excite keep W instead of collapsing to zero.
+                    target = torch.linalg.solve(ss + lam * eye, st @ w + lam * w)
+                    old = [p.detach().clone() for p in layer.parameters()]
+                    _refit(layer, target, ss, damping=damping, sweeps=als_sweeps, tol=als_tol)()
+                    after = _relative_error(_approx_matrix(layer), w, ss, st, tt)
+                    if after > before:  # damping can make the fit worse: keep the old one
+                        for p, value in zip(layer.parameters(), old):
+                            p.copy_(value)
+                        after = before
+                    result.layers[name] = {"stage": stage, "before": before, "after": after}
+    finally:
+        teacher.train(was[0]), student.train(was[1])
+    if result.layers:
+        gains = [v["after"] / max(v["before"], 1e-30) for v in result.layers.values()]
+        log.info(
+            "compensation refitted %d layers (%d stages, %d batches): output error from student "
+            "inputs x%.3f on average",
+            len(result.layers),
+            result.stages,
+            result.batches,
+            sum(gains) / len(gains),
+        )
+    return result
+
+
+def _accumulate(
+    teacher: nn.Module,
+    student: nn.Module,
+    plan: SlicePlan,
+    groups: dict[str, list[str]],
+    batches: list[Any],
+    model_inputs: Callable[[Any], Any],
+    device: torch.device,
+    *,
+    progress: bool,
+    stage: int,
+) -> dict[str, _Sums]:
+    """Student/teacher input Gram sums of each slice's ``groups`` layers (one shared input)."""
+    sums = {s: _Sums() for s in groups}
+    capture = FeatureCapture(teacher, plan, stop_after_last=True)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(batches), desc=f"compensation stage {stage}", leave=False)
+    for batch in batches:
+        rows_t: dict[str, torch.Tensor] = {}
+        handles = [
+            _row_hook(teacher, names[0], rows_t, s, teacher.get_submodule(names[0]))
+            for s, names in groups.items()
+        ]
+        try:
+            features = capture(to_device(model_inputs(batch), device))
+        finally:
+            for handle in handles:
+                handle.remove()
+        for slice_name, names in groups.items():
+            rows_s: dict[str, torch.Tensor] = {}
+            handle = _row_hook(
+                student, names[0], rows_s, slice_name, teacher.get_submodule(names[0])
+            )
+            try:
+                f = features[slice_name]
+                plan[slice_name].forward(student, f.input, **f.kwargs)
+            finally:
+                handle.remove()
+            if slice_name not in rows_t or slice_name not in rows_s:
+                raise TensorizationError(
+                    f"{names[0]} did not run in slice {slice_name!r}; cannot compensate it."
+                )
+            sums[slice_name].add(rows_s[slice_name], rows_t[slice_name])
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return sums
+
+
+def _row_hook(
+    model: nn.Module, name: str, out: dict[str, torch.Tensor], key: str, reference: nn.Module
+) -> Any:
+    """Store the input rows (tokens / patches) of ``model.<name>`` under ``out[key]``.
+
+    ``reference`` is the teacher's dense layer: the student's tensorized layer takes the
+    same input, and its rows are cut with the dense layer's geometry (kernel, stride).
+    """
+    module = model.get_submodule(name)
+
+    def hook(_module: nn.Module, args: tuple) -> None:
+        out.setdefault(key, layer_input_rows(reference, args[0].detach()))
+
+    return module.register_forward_pre_hook(hook)
+
+
+def _take(batches: Iterable[Any], n: int) -> Iterable[Any]:
+    for i, batch in enumerate(batches):
+        if i >= n:
+            return
+        yield batch
