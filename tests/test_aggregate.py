@@ -619,3 +619,17 @@ def test_reference_file_matches_the_paper():
         "global": 110.25,
     }
     assert Run(Path("x"), {"method": "assemble"}).family == "local"
+
+
+def test_load_run_record_is_the_one_reader(tmp_path: Path) -> None:
+    from tnexp.aggregate import UnreadableRecord, load_run_record
+
+    good = tmp_path / "results.json"
+    good.write_text(json.dumps({"method": "local"}))
+    assert load_run_record(good) == {"method": "local"}
+    good.write_text("[1, 2]")
+    with pytest.raises(UnreadableRecord, match="does not hold a JSON object"):
+        load_run_record(good)
+    good.write_text('{"method": "lo')
+    with pytest.raises(UnreadableRecord, match="probably interrupted"):
+        load_run_record(good)
