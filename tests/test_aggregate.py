@@ -318,7 +318,7 @@ def test_analog_dataset_compared_with_paper(tmp_path):
 
 
 def test_smoke_runs_keep_their_rows(tmp_path):
-    # smoke=true shrinks the 30k and the full-data run to the same tiny subset
+    # debug=smoke shrinks the 30k and the full-data run to the same tiny subset
     for run_name in ("local-cr0.5", "local-cr0.5-30k"):
         r = fake("local", train_subset=64)
         r["config"].update(smoke=True, run_name=run_name)
