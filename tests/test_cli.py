@@ -65,8 +65,8 @@ def test_help_describes_tnexp_with_groups_that_exist(monkeypatch, capsys):
     examples = [line for line in text.splitlines() if line.strip().startswith("tnexp")]
     assert len(examples) >= 5
     # Every option the help lists for a group exists: the page cannot drift from configs/.
-    listed = re.findall(r"^  (method|data|model|tensorize|trainer)\s+(.+)$", text, re.M)
-    assert len(listed) == 5
+    listed = re.findall(r"^  (method|data|model|tensorize|trainer|debug)\s+(.+)$", text, re.M)
+    assert len(listed) == 6
     for group, options in listed:
         for option in re.split(r",\s*", options.split("  ")[0].strip()):
             assert (Path(CONFIG_DIR) / group / f"{option}.yaml").is_file(), (group, option)

@@ -25,6 +25,8 @@ class Column:
 
 @dataclass
 class Table:
+    """A named table: title, columns, row dicts and notes; Markdown and CSV writers."""
+
     name: str
     title: str
     columns: list[Column]
