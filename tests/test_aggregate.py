@@ -318,7 +318,7 @@ def test_analog_dataset_compared_with_paper(tmp_path):
 
 
 def test_smoke_runs_keep_their_rows(tmp_path):
-    # smoke=true shrinks the 30k and the full-data run to the same tiny subset
+    # debug=smoke shrinks the 30k and the full-data run to the same tiny subset
     for run_name in ("local-cr0.5", "local-cr0.5-30k"):
         r = fake("local", train_subset=64)
         r["config"].update(smoke=True, run_name=run_name)
@@ -619,3 +619,17 @@ def test_reference_file_matches_the_paper():
         "global": 110.25,
     }
     assert Run(Path("x"), {"method": "assemble"}).family == "local"
+
+
+def test_load_run_record_is_the_one_reader(tmp_path: Path) -> None:
+    from tnexp.aggregate import UnreadableRecord, load_run_record
+
+    good = tmp_path / "results.json"
+    good.write_text(json.dumps({"method": "local"}))
+    assert load_run_record(good) == {"method": "local"}
+    good.write_text("[1, 2]")
+    with pytest.raises(UnreadableRecord, match="does not hold a JSON object"):
+        load_run_record(good)
+    good.write_text('{"method": "lo')
+    with pytest.raises(UnreadableRecord, match="probably interrupted"):
+        load_run_record(good)

@@ -27,7 +27,6 @@ from stages import make_cfg
 from torch.utils.data import DataLoader, TensorDataset
 
 from tnexp.cli import CONFIG_DIR, main, user_error_message
-from tnexp.config import apply_smoke
 from tnexp.errors import ConfigError, IntegrityError, RunDirectoryError, TnexpError
 from tnexp.factory import TensorizeSpec, load_tensorized, save_tensorized, tensorize
 from tnexp.features import (
@@ -150,11 +149,12 @@ def test_remote_code_from_a_model_folder_is_refused(saved_student, tmp_path):
 
 
 def test_every_model_config_target_is_an_allowed_builder():
-    for path in Path(CONFIG_DIR, "model").glob("*.yaml"):
-        node = yaml.safe_load(path.read_text())
-        for cfg in (node, node.get("smoke") or {}):
-            if "_target_" in cfg:
-                assert cfg["_target_"] in MODEL_BUILDERS, path
+    paths = [*Path(CONFIG_DIR, "model").glob("*.yaml")]
+    paths += Path(CONFIG_DIR, "debug", "smoke", "model").glob("*.yaml")
+    for path in paths:
+        cfg = yaml.safe_load(path.read_text())
+        if "_target_" in cfg:
+            assert cfg["_target_"] in MODEL_BUILDERS, path
 
 
 # ====================================================== 7. saved models: integrity
@@ -267,17 +267,30 @@ def _compose(*overrides: str):
 
 
 def test_smoke_keeps_command_line_overrides():
-    overrides = ["experiment=paper/cifar10/local_cr0.5", "smoke=true", "trainer.max_epochs=3"]
-    cfg = apply_smoke(_compose(*overrides, "data.train_subset=24"), overrides=overrides)
-    assert cfg.trainer.max_epochs == 3  # explicit beats the smoke block
-    assert cfg.model.width == 4  # the rest of the smoke block applies
+    overrides = ["experiment=paper/cifar10/local_cr0.5", "debug=smoke", "trainer.max_epochs=3"]
+    cfg = _compose(*overrides, "data.train_subset=24")
+    assert cfg.trainer.max_epochs == 3  # explicit beats debug=smoke
+    assert cfg.data.train_subset == 24
+    assert cfg.model.width == 4  # the rest of debug=smoke applies
+    assert cfg.trainer.limit_train_batches == 2
 
 
 def test_smoke_refuses_an_override_it_cannot_keep():
-    overrides = ["experiment=paper/gpt2xl/local", "smoke=true", "model.gguf_file=x.gguf"]
-    with pytest.raises(ConfigError) as err:
-        apply_smoke(_compose(*overrides), overrides=overrides)
-    says(err, "model.gguf_file", "Drop the override|without smoke")
+    from tnexp.run import build_model
+
+    cfg = _compose("experiment=paper/gpt2xl/local", "debug=smoke", "model.gguf_file=x.gguf")
+    with pytest.raises(Exception) as err:  # Hydra's InstantiationException around it
+        build_model(cfg)
+    cause = err.value.__cause__  # what the CLI prints (tnexp.cli.user_error_message)
+    assert isinstance(cause, ConfigError)
+    says(cause, "model.gguf_file", "Drop the override|without debug=smoke")
+
+
+def test_old_smoke_spelling_is_refused_with_the_new_one():
+    from tnexp.config import check_experiment_overrides
+
+    with pytest.raises(ConfigError, match="debug=smoke"):
+        check_experiment_overrides(["smoke=true"], CONFIG_DIR)
 
 
 def test_unknown_config_option_is_one_message(tmp_path, cli, capsys):

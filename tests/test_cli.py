@@ -65,8 +65,8 @@ def test_help_describes_tnexp_with_groups_that_exist(monkeypatch, capsys):
     examples = [line for line in text.splitlines() if line.strip().startswith("tnexp")]
     assert len(examples) >= 5
     # Every option the help lists for a group exists: the page cannot drift from configs/.
-    listed = re.findall(r"^  (method|data|model|tensorize|trainer)\s+(.+)$", text, re.M)
-    assert len(listed) == 5
+    listed = re.findall(r"^  (method|data|model|tensorize|trainer|debug)\s+(.+)$", text, re.M)
+    assert len(listed) == 6
     for group, options in listed:
         for option in re.split(r",\s*", options.split("  ")[0].strip()):
             assert (Path(CONFIG_DIR) / group / f"{option}.yaml").is_file(), (group, option)
@@ -139,3 +139,27 @@ def test_resume_a_stage_folder_without_hydra_files(monkeypatch, teacher_dir, tmp
     assert second["method"] == "local"
     assert second["global_step"] == 2 * first["global_step"]
     assert second["tensorize"]["totals"]["model_cr"] == first["tensorize"]["totals"]["model_cr"]
+
+
+def test_smoke_run_through_the_cli_runs_what_cfg_job_shows(monkeypatch, capsys, tmp_path):
+    """The default suite's one CLI smoke run (the end-to-end experiment runs are slow)."""
+    args = [
+        "method=pretrain",
+        "debug=smoke",
+        "logger=csv",
+        "callbacks.progress_bar=none",
+        "trainer.accelerator=cpu",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    _tnexp(monkeypatch, *args, "--cfg", "job")
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["smoke"] is True and shown["trainer"]["limit_train_batches"] == 2
+    _tnexp(monkeypatch, *args)
+    ran = _results(tmp_path / "run")
+    assert ran["config"]["smoke"] is True
+    for key in ("data", "trainer"):
+        for name, value in shown[key].items():
+            if not (isinstance(value, str) and "${" in value):  # interpolations: resolved
+                assert ran["config"][key][name] == value, (key, name)
+    assert ran["global_step"] == 2  # one epoch of two steps

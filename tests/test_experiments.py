@@ -1,5 +1,5 @@
 """Paper experiment configs: the paper's hyperparameters, and every config run end to end
-with ``smoke=true`` (teacher -> profile -> tensorized runs) on data made in the real
+with ``debug=smoke`` (teacher -> profile -> tensorized runs) on data made in the real
 formats; sweeps as real Hydra multiruns."""
 
 import json
@@ -12,7 +12,7 @@ from omegaconf import OmegaConf, open_dict
 from test_vision_data import make_fake_cifar10, make_fake_cifar100, make_fake_fashion
 
 from tnexp.cli import CONFIG_DIR
-from tnexp.config import apply_smoke, sensitive_layers
+from tnexp.config import sensitive_layers
 from tnexp.run import run
 
 EXPERIMENTS = Path(CONFIG_DIR) / "experiment"
@@ -151,21 +151,24 @@ def test_runs_of_one_table_share_a_group_and_have_stable_folders():
 
 # ---------------------------------------------------------------- smoke
 def test_smoke_shrinks_model_data_and_trainer():
-    cfg = apply_smoke(compose_experiment("paper/gpt2xl/local", "smoke=true"))
-    assert cfg.model._target_ == "tnexp.models.hf.tiny_gpt2"
+    cfg = compose_experiment("paper/gpt2xl/local", "debug=smoke")
+    assert cfg.smoke is True
+    assert cfg.model._target_ == "tnexp.models.hf.smoke_gpt2" and cfg.model.n_layer == 2
     assert cfg.data.source == "stdlib" and cfg.data.num_sequences == 8
     assert cfg.trainer.limit_train_batches == 2 and cfg.trainer.max_epochs == 1
     assert cfg.eval.lm_eval.enabled is False
-    hybrid = apply_smoke(compose_experiment("paper/cifar100/hybrid_cr0.7", "smoke=true"))
+    hybrid = compose_experiment("paper/cifar100/hybrid_cr0.7", "debug=smoke")
     assert hybrid.model.width == 4
     assert hybrid.trainer.max_epochs == hybrid.method.local_epochs + 1  # reaches global
-    off = apply_smoke(compose_experiment("paper/cifar10/local_cr0.5"))
-    assert "smoke" not in off.model and off.trainer.max_epochs == 20
+    off = compose_experiment("paper/cifar10/local_cr0.5")
+    assert "smoke" not in off and "width" not in off.model and off.trainer.max_epochs == 20
 
 
-def test_smoke_must_be_a_boolean():
-    with pytest.raises(ValueError, match="smoke must be true or false"):
-        apply_smoke(compose_experiment("paper/cifar10/local_cr0.5", "smoke=maybe"))
+def test_smoke_is_a_config_group_option():
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="debug"):
+        compose_experiment("paper/cifar10/local_cr0.5", "debug=maybe")
 
 
 def test_missing_profile_is_a_clear_error(tmp_path):
@@ -192,7 +195,7 @@ def fake_data(tmp_path, monkeypatch):
     return data
 
 
-COMMON_SMOKE = ["smoke=true", "logger=csv", "callbacks.progress_bar=none"]
+COMMON_SMOKE = ["debug=smoke", "logger=csv", "callbacks.progress_bar=none"]
 
 
 def run_experiment(name: str, tmp: Path, data: Path, *overrides: str, job: str = "") -> dict:
@@ -214,6 +217,7 @@ def run_experiment(name: str, tmp: Path, data: Path, *overrides: str, job: str =
     return json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.slow  # end to end: in `uv run pytest -m slow` (.ci/run), not the default suite
 @pytest.mark.parametrize(
     "table", ["paper/cifar10", "paper/cifar100", "analog/fashion_mnist"], ids=lambda t: t
 )
@@ -238,6 +242,7 @@ def test_every_table_runs_end_to_end_with_smoke(table, tmp_path, fake_data):
     assert small["data"]["train_samples"] == small["config"]["data"]["train_subset"]  # smoke
 
 
+@pytest.mark.slow  # end to end: in `uv run pytest -m slow` (.ci/run), not the default suite
 def test_gpt2xl_experiments_run_end_to_end_with_smoke(tmp_path):
     for name in ("paper/gpt2xl/local", "paper/gpt2xl/global"):
         res = run_experiment(name, tmp_path, tmp_path / "data")
@@ -258,6 +263,7 @@ def test_gpt2xl_experiments_run_end_to_end_with_smoke(tmp_path):
     assert assembled["metrics"]["final_eval"]["token_ppl"] > 1
 
 
+@pytest.mark.slow  # end to end: in `uv run pytest -m slow` (.ci/run), not the default suite
 def test_sweep_multirun_writes_one_run_per_value(tmp_path, fake_data, monkeypatch):
     """`tnexp -m experiment=paper/sweeps/...` through Hydra's own multirun machinery."""
     runs = tmp_path / "runs"

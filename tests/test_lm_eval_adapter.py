@@ -116,6 +116,7 @@ def tiny(tmp_path_factory):
     return tiny_gpt2(len(tokenizer), n_positions=64), load_tokenizer(str(directory))
 
 
+@pytest.mark.slow  # end to end: in `uv run pytest -m slow` (.ci/run), not the default suite
 def test_evaluate_lm_on_local_custom_tasks(tiny, task_dir):
     model, tokenizer = tiny
     model.train()  # the adapter must evaluate in eval mode and restore the mode

@@ -75,6 +75,7 @@ def test_notebook_is_saved_without_outputs():
     assert sum(c.cell_type == "markdown" for c in nb.cells) >= len(code) // 2
 
 
+@pytest.mark.slow  # end to end: in `uv run pytest -m slow` (.ci/run), not the default suite
 def test_notebook_runs_without_errors(executed):
     nb, workdir = executed
     code = [c for c in nb.cells if c.cell_type == "code"]
@@ -86,6 +87,7 @@ def test_notebook_runs_without_errors(executed):
     assert not list(Path(workdir).iterdir())
 
 
+@pytest.mark.slow  # end to end: in `uv run pytest -m slow` (.ci/run), not the default suite
 def test_notebook_shows_each_step(executed):
     nb, _ = executed
     text = "\n".join(_cell_text(c) for c in nb.cells if c.cell_type == "code")
@@ -113,6 +115,7 @@ def test_notebook_shows_each_step(executed):
     assert sum(_images(c) for c in nb.cells if c.cell_type == "code") >= 2
 
 
+@pytest.mark.slow  # end to end: in `uv run pytest -m slow` (.ci/run), not the default suite
 def test_notebook_summary(executed):
     nb, _ = executed
     line = next(

@@ -332,7 +332,6 @@ def test_distributed_trainer_configs_compose(tmp_path, trainer):
         assert cfg.trainer.num_nodes == 2 and cfg.trainer.devices == 4
     if trainer == "ddp":  # builds on CPU with one device
         from lightning.pytorch.strategies import DDPStrategy
-        from omegaconf import open_dict
 
         from tnexp.callbacks import OptimizationTimer
         from tnexp.run import build_task, build_trainer
@@ -348,8 +347,6 @@ def test_distributed_trainer_configs_compose(tmp_path, trainer):
             "callbacks.progress_bar=none",
             fast=False,
         )
-        with open_dict(cpu):  # stages drop the smoke blocks before building (tnexp/config.py)
-            cpu.trainer.pop("smoke", None)
         task = build_task(cpu)
         trainer_obj = build_trainer(cpu, tmp_path, [], OptimizationTimer(), task, reload=False)
         assert isinstance(trainer_obj.strategy, DDPStrategy)

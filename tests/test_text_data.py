@@ -176,7 +176,6 @@ def test_hydra_configs_build_text_datamodules(tmp_path):
             cfg = compose("train", overrides=[f"data={data}", f"model={model}"])
             data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
             assert data_cfg.pop("info")["task"] == "causal_lm"
-            data_cfg.pop("smoke", None)  # smoke=true settings, not a constructor argument
             assert data_cfg["tokenizer"] == cfg.model.tokenizer
             assert data_cfg["max_context"] == cfg.model.max_context
             dm = instantiate(data_cfg)  # lazy: nothing is read or downloaded here

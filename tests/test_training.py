@@ -295,6 +295,7 @@ LM = [
 ]
 
 
+@pytest.mark.slow  # end to end: in `uv run pytest -m slow` (.ci/run), not the default suite
 def test_lm_pretrain_then_local_with_tied_weights(tmp_path):
     run_stage(make_cfg(tmp_path / "t", "method=pretrain", *LM_FAST, *LM[:2], *LM[5:], fast=False))
     results = run_stage(

@@ -1,4 +1,4 @@
-"""Config-level helpers of the Hydra app: OmegaConf resolvers and the ``smoke`` switch.
+"""Config-level helpers of the Hydra app: OmegaConf resolvers and experiment-name checks.
 
 Importing this module registers the resolvers (``tnexp/__init__.py`` does), so configs
 composed by ``tnexp``, by ``hydra.compose`` in tests or by notebooks resolve the same way.
@@ -10,14 +10,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from tnexp.errors import ConfigError
 
 __all__ = [
-    "SMOKE_GROUPS",
     "UnknownExperimentError",
-    "apply_smoke",
     "check_experiment_overrides",
     "experiment_names",
     "plain",
@@ -78,79 +76,13 @@ if not OmegaConf.has_resolver("tnexp.unique_path"):
     OmegaConf.register_new_resolver("tnexp.unique_path", unique_path)
 
 
-# ------------------------------------------------------------------ smoke runs
-# Config groups whose node may carry a ``smoke:`` block. With ``smoke=true`` the block is
-# merged into its node (a block with its own ``_target_`` replaces the node: e.g. GPT-2 XL
-# becomes a tiny random GPT-2 with the same module names); the blocks are always removed
-# before anything is instantiated. What each data set or model shrinks to lives beside it.
-SMOKE_GROUPS = ("data", "model", "tensorize", "method", "trainer", "eval")
+def add(*terms: Any) -> int:
+    """The sum of integer terms: ``${tnexp.sum:${method.local_epochs},1}`` (configs/smoke)."""
+    return sum(int(x) for x in terms)
 
 
-def command_line_overrides() -> list[str]:
-    """The ``key=value`` overrides of the running Hydra app (empty outside one)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        if HydraConfig.initialized():
-            return [str(o) for o in HydraConfig.get().overrides.task]
-    except (ImportError, ValueError):
-        pass
-    return []
-
-
-def _override_keys(overrides: list[str]) -> list[str]:
-    """Dotted config keys set by overrides (group choices such as ``model=gpt2`` excluded)."""
-    keys = []
-    for item in overrides:
-        key = item.split("=", 1)[0].lstrip("+~")
-        if "=" in item and "." in key and "@" not in key and key.split(".")[0] in SMOKE_GROUPS:
-            keys.append(key)
-    return keys
-
-
-def apply_smoke(cfg: DictConfig, overrides: list[str] | None = None) -> DictConfig:
-    """Apply (``cfg.smoke`` true) or drop the ``smoke:`` blocks of ``cfg``, in place.
-
-    Values set on the command line (``overrides``; by default the running Hydra app's) win
-    over the smoke blocks: ``smoke=true trainer.max_epochs=3`` runs 3 epochs. An override
-    of a key that the smoke model no longer has (a smoke block can swap the model) is
-    refused with a clear error instead of being dropped.
-    """
-    enabled = cfg.get("smoke", False)
-    if not isinstance(enabled, bool):
-        raise ConfigError(f"smoke must be true or false, got {enabled!r} (e.g. smoke=true).")
-    keys = _override_keys(command_line_overrides() if overrides is None else overrides)
-    explicit = {k: OmegaConf.select(cfg, k, default=None) for k in keys} if enabled else {}
-    with open_dict(cfg):
-        for group in SMOKE_GROUPS:
-            node = cfg.get(group)
-            if not isinstance(node, DictConfig) or "smoke" not in node:
-                continue
-            block = node.smoke
-            del node["smoke"]
-            if not enabled or block is None:
-                continue
-            if "_target_" in block:
-                cfg[group] = block
-            else:
-                cfg[group] = OmegaConf.merge(node, block)
-        if enabled and "local_epochs" in cfg.method and "trainer.max_epochs" not in explicit:
-            # A hybrid smoke run must still reach its global phase.
-            cfg.trainer.max_epochs = max(
-                int(cfg.trainer.max_epochs or 1), int(cfg.method.local_epochs) + 1
-            )
-        for key, value in explicit.items():
-            parent, _, leaf = key.rpartition(".")
-            node = OmegaConf.select(cfg, parent, default=None)
-            if not isinstance(node, DictConfig) or leaf not in node:
-                target = OmegaConf.select(cfg, f"{key.split('.')[0]}._target_", default=None)
-                raise ConfigError(
-                    f"smoke=true replaces {key.split('.')[0]} by a small stand-in ({target}) "
-                    f"that has no {key}, so the command-line override {key}={value} cannot "
-                    f"apply. Drop the override, or run without smoke=true."
-                )
-            OmegaConf.update(cfg, key, value, merge=False)
-    return cfg
+if not OmegaConf.has_resolver("tnexp.sum"):
+    OmegaConf.register_new_resolver("tnexp.sum", add)
 
 
 def plain(node: Any) -> Any:
@@ -189,13 +121,19 @@ def check_experiment_overrides(args: list[str], config_dir: str | Path) -> None:
     """Refuse ``experiment=<name>`` arguments that name no experiment config.
 
     Hydra's own error lists all ~60 experiments; this one names the closest few, and it
-    comes before Hydra creates an output folder for a run that cannot start.
+    comes before Hydra creates an output folder for a run that cannot start. The former
+    ``smoke=true`` switch is refused too, naming its replacement ``debug=smoke``.
     """
     import difflib
 
     known = experiment_names(config_dir)
     for arg in args:
         key, sep, value = arg.lstrip("+~").partition("=")
+        if sep and key == "smoke":
+            raise ConfigError(
+                f"{arg}: smoke runs are the config group option debug=smoke now "
+                "(configs/debug/smoke.yaml); leave it out for the full run."
+            )
         if not sep or key != "experiment":
             continue
         for name in _override_values(value) or []:

@@ -362,13 +362,11 @@ def run_profile(cfg: Any) -> dict[str, Any]:
     """
     from rich.table import Table
 
-    from tnexp.config import apply_smoke
     from tnexp.console import console as make_console
     from tnexp.run import build_datamodule, load_teacher
     from tnexp.runtime import runtime_record
     from tnexp.slice_jobs import prepare_stage
 
-    apply_smoke(cfg)
     cfg = prepare_stage(cfg)  # thread policy and data workers, as for every stage
     m = cfg.method
     out = Path(cfg.paths.output_dir)

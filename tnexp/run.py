@@ -19,7 +19,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tnexp.callbacks import OptimizationTimer
-from tnexp.config import apply_smoke
 from tnexp.config import plain as _plain
 from tnexp.data.phased import PhasedDataModule
 from tnexp.errors import ConfigError, InputFileError
@@ -51,7 +50,6 @@ TEACHER_FILE = "teacher.safetensors"
 
 
 def run(cfg: DictConfig) -> dict[str, Any] | list[dict[str, Any]]:
-    apply_smoke(cfg)
     if cfg.method.name == "quickstart":
         from tnexp.quickstart import run_quickstart
 
@@ -383,7 +381,6 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
 
     The run directory is locked for the duration (one run per directory).
     """
-    apply_smoke(cfg)
     method = cfg.method.name
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {METHODS} or quickstart.")

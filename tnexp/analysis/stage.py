@@ -89,11 +89,9 @@ def _log_wandb(cfg: DictConfig, out: Path, plots: dict[str, Path], summary: dict
 
 def run_analyze(cfg: DictConfig) -> dict[str, Any]:
     """Analyse the teacher or ``method.student_path`` and write the results (see module)."""
-    from tnexp.config import apply_smoke
     from tnexp.run import load_teacher
     from tnexp.student import tensorize_spec
 
-    apply_smoke(cfg)
     m = cfg.method
     propagation = m.get("propagation") or {}
     if propagation.get("enabled") and not m.get("student_path"):

@@ -17,12 +17,13 @@ from typing import Any
 from torch import nn
 
 from tnexp.errors import ConfigError
-from tnexp.models.hf import build_causal_lm, tiny_gpt2
+from tnexp.models.hf import build_causal_lm, smoke_gpt2, tiny_gpt2
 from tnexp.models.resnet import cifar_resnet18, cifar_resnet34, small_resnet
 
 __all__ = ["MODEL_BUILDERS", "build_registered"]
 
-# Every `_target_` of configs/model/*.yaml (tests/test_bad_input.py checks that), under
+# Every `_target_` of configs/model/*.yaml and configs/debug/smoke/model/*.yaml
+# (tests/test_bad_input.py checks that), under
 # both its config spelling and its defining module.
 MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "tnexp.models.cifar_resnet18": cifar_resnet18,
@@ -33,6 +34,7 @@ MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "tnexp.models.resnet.small_resnet": small_resnet,
     "tnexp.models.hf.build_causal_lm": build_causal_lm,
     "tnexp.models.hf.tiny_gpt2": tiny_gpt2,
+    "tnexp.models.hf.smoke_gpt2": smoke_gpt2,  # configs/debug/smoke/model/gpt2*.yaml
 }
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tnexp.errors import InputFileError, TnexpError
+from tnexp.errors import ConfigError, InputFileError, TnexpError
 
 log = logging.getLogger(__name__)
 
@@ -321,3 +321,40 @@ def tiny_gpt2(
     model = GPT2LMHeadModel(config)
     _check_max_context(model, "tiny_gpt2", max_context)
     return model
+
+
+def smoke_gpt2(
+    name: str | None = None,
+    gguf_file: str | None = None,
+    dtype: str | None = None,
+    vocab_size: int = 49152,
+    n_positions: int = 1024,
+    n_embd: int = 64,
+    n_layer: int = 2,
+    n_head: int = 2,
+    *,
+    max_context: int | None = None,
+    tokenizer: str | None = None,
+) -> nn.Module:
+    """:func:`tiny_gpt2` standing in for a hub GPT-2 under ``debug=smoke``.
+
+    ``configs/debug/smoke/model/gpt2*.yaml`` merge into the hub model's node, so its keys
+    arrive here set to null; a value given on the command line cannot apply to the tiny
+    stand-in and is refused instead of being dropped.
+    """
+    given = {k: v for k, v in {"name": name, "gguf_file": gguf_file, "dtype": dtype}.items() if v}
+    if given:
+        key, value = next(iter(given.items()))
+        raise ConfigError(
+            f"debug=smoke replaces the model by a tiny random GPT-2 that has no {key}, so "
+            f"model.{key}={value} cannot apply. Drop the override, or run without debug=smoke."
+        )
+    return tiny_gpt2(
+        vocab_size,
+        n_positions,
+        n_embd,
+        n_layer,
+        n_head,
+        max_context=max_context,
+        tokenizer=tokenizer,
+    )
