@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from stages import FAST as BASE_FAST
 from stages import make_cfg as make_base_cfg
 
-from tnexp.cli import CONFIG_DIR
+from tnexp.config import CONFIG_DIR
 from tnexp.modules import NonFiniteLossError
 from tnexp.run import run, run_stage
 from tnexp.slice_jobs import (
@@ -24,9 +24,9 @@ from tnexp.slice_jobs import (
     SliceJobsError,
     job_count,
     job_slice_indices,
-    prepare_stage,
     sweep_hint,
 )
+from tnexp.stages.prepare import prepare_stage
 
 FAST = [*BASE_FAST, "trainer.max_epochs=2"]
 # small_resnet has four residual blocks; groups of two make a 2-slice plan.
@@ -309,7 +309,7 @@ def test_multirun_detected_from_the_hydra_config(tmp_path):
 
 
 def test_joblib_jobs_use_no_dataloader_workers_and_fewer_threads(tmp_path, monkeypatch):
-    monkeypatch.setattr("tnexp.slice_jobs._joblib_n_jobs", lambda: 2)
+    monkeypatch.setattr("tnexp.stages.prepare.joblib_n_jobs", lambda: 2)
     monkeypatch.setattr("tnexp.runtime.usable_cores", lambda: 8)
     monkeypatch.setattr("tnexp.runtime.others_busy_cores", lambda: 0.0)
     monkeypatch.delenv("OMP_NUM_THREADS")
@@ -335,7 +335,8 @@ def test_distributed_trainer_configs_compose(tmp_path, trainer):
         from omegaconf import open_dict
 
         from tnexp.callbacks import OptimizationTimer
-        from tnexp.run import build_task, build_trainer
+        from tnexp.stages.build import build_task
+        from tnexp.stages.trainer import build_trainer
 
         cpu = make_cfg(
             tmp_path,
@@ -387,7 +388,7 @@ def test_cache_lock_serialises_captures(tmp_path):
     import threading
     import time
 
-    from tnexp.slice_jobs import cache_lock
+    from tnexp.stages.feature_cache import cache_lock
 
     entered = threading.Event()
 

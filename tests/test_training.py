@@ -8,12 +8,13 @@ import torch
 from omegaconf import OmegaConf
 from stages import FAST, make_cfg
 
-from tnexp.cli import CONFIG_DIR
+from tnexp.config import CONFIG_DIR
 from tnexp.factory import tensorize
 from tnexp.models import small_resnet
 from tnexp.modules import LocalConfig, LocalDistillation, NonFiniteLossError
-from tnexp.run import load_teacher, run_stage
+from tnexp.run import run_stage
 from tnexp.slicing import make_slice_plan
+from tnexp.stages.build import load_teacher
 from tnexp.tasks import ClassificationTask
 
 
@@ -253,8 +254,8 @@ def _options(group: str) -> list[str]:
     ],
 )
 def test_every_config_composes_and_instantiates(group, tmp_path):
-    from tnexp.run import build_datamodule, build_model
-    from tnexp.student import tensorize_spec
+    from tnexp.stages.build import build_datamodule, build_model
+    from tnexp.stages.student import tensorize_spec
 
     for option in _options(group):
         override = f"{group}={option}"
