@@ -18,10 +18,8 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
 from tnexp.config import CONFIG_DIR, check_experiment_overrides
-from tnexp.console import setup_output
 from tnexp.errors import TnexpError
 from tnexp.restore import SavedRun, restore_config, saved_run
-from tnexp.run import run
 
 # The config a run folder was started with, read before Hydra rewrites its .hydra/
 # (`hydra.run.dir=<dir> resume=auto`; tnexp/restore.py).
@@ -31,6 +29,12 @@ USAGE_ERROR = 2
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _app(cfg: DictConfig) -> None:
+    # Imported here, not for an import cycle (there is none) but for start-up time: the
+    # stages pull in torch and Lightning (seconds), which `tnexp --help`, `--cfg job` and
+    # a mistyped experiment name never need.
+    from tnexp.console import setup_output
+    from tnexp.run import run
+
     setup_output()
     if _SAVED_RUN is not None:
         cfg = restore_config(cfg, _SAVED_RUN, list(HydraConfig.get().overrides.task))
