@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from rich.table import Table
 
 from tnexp.analysis.propagation import (
     progressive_replacement,
@@ -28,6 +29,7 @@ from tnexp.analysis.propagation import (
 from tnexp.analysis.report import summarize, write_csv, write_json, write_plots
 from tnexp.analysis.spectra import LayerSpectrum, analyze_spectra
 from tnexp.config import apply_smoke, plain
+from tnexp.console import console as make_console
 from tnexp.errors import ConfigError
 from tnexp.eval import sliding_window_perplexity
 from tnexp.factory import SPEC_FILE, load_tensorized
@@ -235,10 +237,6 @@ def _perplexity_metric(cfg: DictConfig, datamodule: Any):
 
 
 def _print_propagation(errors: list, steps: list, metric: str) -> None:
-    from rich.table import Table
-
-    from tnexp.console import console as make_console
-
     table = Table(title="error propagation (relative output error per slice)")
     for col in ("slice", "teacher in", "student in", "amplification", "cos (student in)"):
         table.add_column(col, justify="left" if col == "slice" else "right")
@@ -270,10 +268,6 @@ def _headline(layers: list[LayerSpectrum]) -> dict[str, float | int]:
 
 
 def _print_summary(summary: dict[str, Any], source: str, out: Path) -> None:
-    from rich.table import Table
-
-    from tnexp.console import console as make_console
-
     table = Table(title=f"bond spectra of the {source} ({summary['layers']} layers)")
     for col in ("role", "cut", "layers", "S mean", "S max possible", "r90", "r99", "rank", "err"):
         table.add_column(col, justify="left" if col in ("role", "cut") else "right")
