@@ -12,6 +12,7 @@ from tnexp.config import CONFIG_DIR
 from tnexp.factory import tensorize
 from tnexp.models import small_resnet
 from tnexp.modules import LocalConfig, LocalDistillation, NonFiniteLossError
+from tnexp.results import SCHEMA_VERSION, read_results
 from tnexp.run import run_stage
 from tnexp.slicing import make_slice_plan
 from tnexp.stages.build import load_teacher
@@ -48,6 +49,10 @@ def test_stage_runs_and_writes_results(teacher_dir, tmp_path, method):
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert list((tmp_path / "csv").glob("**/metrics.csv"))
     assert results["global_step"] == saved["global_step"] > 0
+    # the versioned schema (tnexp/results.py), read back whole
+    assert saved["schema_version"] == SCHEMA_VERSION and saved["status"] == "ok"
+    assert saved["run_name"] == f"{method}-cr0.5" and saved["data"]["name"]
+    assert read_results(tmp_path).to_dict() == saved == results
     if method == "hybrid":
         metrics = (next((tmp_path / "csv").glob("**/metrics.csv"))).read_text()
         assert "train/slice/" in metrics  # the local epoch logged per-slice losses
