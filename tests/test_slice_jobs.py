@@ -16,6 +16,7 @@ from stages import make_cfg as make_base_cfg
 
 from tnexp.config import CONFIG_DIR
 from tnexp.modules import NonFiniteLossError
+from tnexp.results import SCHEMA_VERSION
 from tnexp.run import run, run_stage
 from tnexp.slice_jobs import (
     RECORD_FILE,
@@ -114,6 +115,9 @@ def test_two_slice_jobs_assemble_to_the_all_slices_run(trained, teacher_dir, tmp
         full["metrics"]["final"]["val/top1"]
     )
     assert "val/top5" in saved["metrics"]["final"]
+    # the one schema: what assemble lacked before (data, a version, a run name)
+    assert saved["schema_version"] == SCHEMA_VERSION and saved["data"]["name"]
+    assert saved["run_name"].startswith("assemble-cr")
     times = saved["time"]["slice_jobs"]
     assert times["count"] == 2 and times["jobs"] == 2
     per_job = [v["optimization_s"] for v in times["per_slice"].values()]
