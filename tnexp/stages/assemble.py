@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 from torch import nn
 
 from tnexp.callbacks import OptimizationTimer
-from tnexp.config import apply_smoke
 from tnexp.errors import ConfigError
 from tnexp.factory import count_parameters, save_tensorized
 from tnexp.features import FeatureCacheError, open_feature_cache, teacher_fingerprint
@@ -52,7 +51,6 @@ __all__ = ["run_assemble"]
 
 def run_assemble(cfg: DictConfig) -> dict[str, Any]:
     """Build the full student, load every slice job's weights, evaluate, save, report."""
-    apply_smoke(cfg)
     with run_directory_lock(cfg.paths.output_dir):
         return _assemble(cfg)
 

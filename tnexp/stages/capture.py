@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tnexp.config import apply_smoke, plain
+from tnexp.config import plain
 from tnexp.factory import tensorize
 from tnexp.integrity import atomic_write_json
 from tnexp.rundir import run_directory_lock
@@ -33,7 +33,6 @@ CAPTURE_FILE = "capture.json"
 
 def run_capture(cfg: DictConfig) -> dict[str, Any]:
     """Write the feature cache for the full slice plan once; print the sweep to run."""
-    apply_smoke(cfg)
     with run_directory_lock(cfg.paths.output_dir):
         return _capture(cfg)
 

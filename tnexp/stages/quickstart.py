@@ -18,7 +18,6 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from rich.table import Table
 
-from tnexp.config import apply_smoke
 from tnexp.console import console
 from tnexp.integrity import atomic_write_bytes, atomic_write_json
 from tnexp.plots import draw_recovery, hybrid_switch_epoch, share_y
@@ -51,7 +50,6 @@ def _stage(q: DictConfig, method: str, overrides: list[str]) -> DictConfig:
 
 def run_quickstart(cfg: DictConfig) -> list[dict[str, Any]]:
     """Pretrain, then tensorize and recover at every CR with every method; print, plot."""
-    apply_smoke(cfg)
     q = cfg.method
     out = Path(cfg.paths.output_dir)
     total = 1 + len(q.crs) * len(q.methods)
