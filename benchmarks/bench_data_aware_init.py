@@ -24,10 +24,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from tnexp.calibration import collect_input_stats
-from tnexp.cli import CONFIG_DIR
+from tnexp.config import CONFIG_DIR
 from tnexp.factory import plan_layers, tensorize
-from tnexp.run import build_datamodule, build_task, load_teacher
-from tnexp.student import tensorize_spec
+from tnexp.stages.build import build_datamodule, build_task, load_teacher
+from tnexp.stages.student import tensorize_spec
 
 
 @torch.no_grad()

@@ -78,7 +78,7 @@ def _mib(value: int | None) -> float | None:
 def _compose(args: argparse.Namespace):
     from hydra import compose, initialize_config_dir
 
-    from tnexp.cli import CONFIG_DIR
+    from tnexp.config import CONFIG_DIR
 
     overrides = [
         "method=local",
@@ -109,16 +109,12 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
 
     from tnexp.blockwise import BlockwiseConfig, build_skeleton, distill_blockwise
+    from tnexp.config import plain as _plain
     from tnexp.factory import tensorize
     from tnexp.modules import LocalConfig
-    from tnexp.run import (
-        _plain,
-        build_datamodule,
-        build_module,
-        build_task,
-        load_teacher,
-    )
-    from tnexp.student import tensorize_spec
+    from tnexp.stages.build import build_datamodule, build_task, load_teacher
+    from tnexp.stages.student import tensorize_spec
+    from tnexp.stages.train import build_module
 
     torch.set_num_threads(args.threads)
     cfg = _compose(args)

@@ -5,7 +5,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from tnexp.cli import CONFIG_DIR
+from tnexp.config import CONFIG_DIR
 
 # One short epoch on 8x8 digits with a width-8 ResNet: a stage takes a few seconds.
 FAST = [

@@ -26,7 +26,8 @@ from safetensors.torch import load_file
 from stages import make_cfg
 from torch.utils.data import DataLoader, TensorDataset
 
-from tnexp.cli import CONFIG_DIR, main, user_error_message
+from tnexp.cli import main, user_error_message
+from tnexp.config import CONFIG_DIR
 from tnexp.errors import ConfigError, IntegrityError, RunDirectoryError, TnexpError
 from tnexp.factory import TensorizeSpec, load_tensorized, save_tensorized, tensorize
 from tnexp.features import (
@@ -276,7 +277,7 @@ def test_smoke_keeps_command_line_overrides():
 
 
 def test_smoke_refuses_an_override_it_cannot_keep():
-    from tnexp.run import build_model
+    from tnexp.stages.build import build_model
 
     cfg = _compose("experiment=paper/gpt2xl/local", "debug=smoke", "model.gguf_file=x.gguf")
     with pytest.raises(Exception) as err:  # Hydra's InstantiationException around it
@@ -438,7 +439,7 @@ def test_resume_appends_to_the_metrics(teacher_dir, tmp_path):
 
 
 def test_resume_continues_the_wandb_run(tmp_path):
-    from tnexp.run import _wandb_run_id
+    from tnexp.stages.loggers import wandb_run_id as _wandb_run_id
 
     first = _wandb_run_id(tmp_path, resuming=False)
     assert _wandb_run_id(tmp_path, resuming=True) == first  # resume: the same W&B run

@@ -28,13 +28,14 @@ from tnexp.blockwise import (
     plan_stages,
     replay_schedule,
 )
-from tnexp.cli import CONFIG_DIR
+from tnexp.config import CONFIG_DIR
 from tnexp.data.text import TextBlocks
 from tnexp.factory import tensorize
 from tnexp.models import small_resnet
 from tnexp.modules import LocalConfig, LocalDistillation
-from tnexp.run import build_model, run_stage
+from tnexp.run import run_stage
 from tnexp.slicing import make_slice_plan
+from tnexp.stages.build import build_model
 from tnexp.tasks import CausalLMTask, ClassificationTask
 
 TOL = 1e-4

@@ -11,8 +11,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from stages import FAST, make_cfg
 
-from tnexp.cli import CONFIG_DIR, main
-from tnexp.config import UnknownExperimentError, check_experiment_overrides, unique_path
+from tnexp.cli import main
+from tnexp.config import CONFIG_DIR, UnknownExperimentError, check_experiment_overrides, unique_path
 from tnexp.restore import ResumeConfigError
 from tnexp.run import run_stage
 

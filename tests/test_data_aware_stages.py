@@ -7,8 +7,9 @@ import torch
 from stages import make_cfg
 
 from tnexp.calibration import CalibrationError
-from tnexp.run import build_datamodule, build_task, load_teacher, run_stage
-from tnexp.student import build_student
+from tnexp.run import run_stage
+from tnexp.stages.build import build_datamodule, build_task, load_teacher
+from tnexp.stages.student import build_student
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 from test_vision_data import make_fake_cifar10, make_fake_cifar100, make_fake_fashion
 
-from tnexp.cli import CONFIG_DIR
-from tnexp.config import sensitive_layers
+from tnexp.config import CONFIG_DIR, sensitive_layers
 from tnexp.run import run
 
 EXPERIMENTS = Path(CONFIG_DIR) / "experiment"

@@ -16,13 +16,13 @@ from tnexp.models import small_resnet
 from tnexp.profiling import (
     LayerSensitivity,
     exclusion_spec,
-    main,
     most_sensitive,
     plot_profile,
     profile_layers,
     write_exclusion_yaml,
     write_profile_csv,
 )
+from tnexp.stages.profile import main
 
 CONVS = [f"layer{s}.0.conv{c}" for s in range(1, 5) for c in (1, 2)]
 RULE = {"pattern": "layer*.*.conv*", "method": "tucker", "cr": 0.5}
@@ -126,8 +126,8 @@ def test_csv_png_and_yaml_written(profile, tmp_path):
     # The YAML snippet composes as a tensorize option on top of tucker.yaml.
     from hydra import compose, initialize_config_dir
 
-    from tnexp.cli import CONFIG_DIR
-    from tnexp.student import tensorize_spec
+    from tnexp.config import CONFIG_DIR
+    from tnexp.stages.student import tensorize_spec
 
     configs = tmp_path / "configs"
     shutil.copytree(CONFIG_DIR, configs)

@@ -19,7 +19,7 @@ from tnexp.runtime import (
     refine_for_work,
     usable_cores,
 )
-from tnexp.slice_jobs import prepare_stage
+from tnexp.stages.prepare import prepare_stage
 
 
 # ---------------------------------------------------------------- decisions (pure)
@@ -186,7 +186,7 @@ def test_only_auto_choices_are_refined_by_the_measured_work(monkeypatch):
 
 
 def test_the_quickstart_summary_records_each_stages_threads():
-    from tnexp.quickstart import summary_rows
+    from tnexp.stages.quickstart import summary_rows
 
     def stage(method, threads, cr=None):
         return {

@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 from stages import FAST as BASE_FAST
 from stages import make_cfg as make_base_cfg
 
-from tnexp.cli import CONFIG_DIR
+from tnexp.config import CONFIG_DIR
 from tnexp.modules import NonFiniteLossError
+from tnexp.results import SCHEMA_VERSION
 from tnexp.run import run, run_stage
 from tnexp.slice_jobs import (
     RECORD_FILE,
@@ -24,9 +25,9 @@ from tnexp.slice_jobs import (
     SliceJobsError,
     job_count,
     job_slice_indices,
-    prepare_stage,
     sweep_hint,
 )
+from tnexp.stages.prepare import prepare_stage
 
 FAST = [*BASE_FAST, "trainer.max_epochs=2"]
 # small_resnet has four residual blocks; groups of two make a 2-slice plan.
@@ -114,6 +115,9 @@ def test_two_slice_jobs_assemble_to_the_all_slices_run(trained, teacher_dir, tmp
         full["metrics"]["final"]["val/top1"]
     )
     assert "val/top5" in saved["metrics"]["final"]
+    # the one schema: what assemble lacked before (data, a version, a run name)
+    assert saved["schema_version"] == SCHEMA_VERSION and saved["data"]["name"]
+    assert saved["run_name"].startswith("assemble-cr")
     times = saved["time"]["slice_jobs"]
     assert times["count"] == 2 and times["jobs"] == 2
     per_job = [v["optimization_s"] for v in times["per_slice"].values()]
@@ -309,7 +313,7 @@ def test_multirun_detected_from_the_hydra_config(tmp_path):
 
 
 def test_joblib_jobs_use_no_dataloader_workers_and_fewer_threads(tmp_path, monkeypatch):
-    monkeypatch.setattr("tnexp.slice_jobs._joblib_n_jobs", lambda: 2)
+    monkeypatch.setattr("tnexp.stages.prepare.joblib_n_jobs", lambda: 2)
     monkeypatch.setattr("tnexp.runtime.usable_cores", lambda: 8)
     monkeypatch.setattr("tnexp.runtime.others_busy_cores", lambda: 0.0)
     monkeypatch.delenv("OMP_NUM_THREADS")
@@ -334,7 +338,8 @@ def test_distributed_trainer_configs_compose(tmp_path, trainer):
         from lightning.pytorch.strategies import DDPStrategy
 
         from tnexp.callbacks import OptimizationTimer
-        from tnexp.run import build_task, build_trainer
+        from tnexp.stages.build import build_task
+        from tnexp.stages.trainer import build_trainer
 
         cpu = make_cfg(
             tmp_path,
@@ -384,7 +389,7 @@ def test_cache_lock_serialises_captures(tmp_path):
     import threading
     import time
 
-    from tnexp.slice_jobs import cache_lock
+    from tnexp.stages.feature_cache import cache_lock
 
     entered = threading.Event()
 

@@ -165,7 +165,7 @@ def test_hydra_configs_build_text_datamodules(tmp_path):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from tnexp.cli import CONFIG_DIR
+    from tnexp.config import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         for data, model in (

@@ -8,12 +8,14 @@ import torch
 from omegaconf import OmegaConf
 from stages import FAST, make_cfg
 
-from tnexp.cli import CONFIG_DIR
+from tnexp.config import CONFIG_DIR
 from tnexp.factory import tensorize
 from tnexp.models import small_resnet
 from tnexp.modules import LocalConfig, LocalDistillation, NonFiniteLossError
-from tnexp.run import load_teacher, run_stage
+from tnexp.results import SCHEMA_VERSION, read_results
+from tnexp.run import run_stage
 from tnexp.slicing import make_slice_plan
+from tnexp.stages.build import load_teacher
 from tnexp.tasks import ClassificationTask
 
 
@@ -47,6 +49,10 @@ def test_stage_runs_and_writes_results(teacher_dir, tmp_path, method):
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert list((tmp_path / "csv").glob("**/metrics.csv"))
     assert results["global_step"] == saved["global_step"] > 0
+    # the versioned schema (tnexp/results.py), read back whole
+    assert saved["schema_version"] == SCHEMA_VERSION and saved["status"] == "ok"
+    assert saved["run_name"] == f"{method}-cr0.5" and saved["data"]["name"]
+    assert read_results(tmp_path).to_dict() == saved == results
     if method == "hybrid":
         metrics = (next((tmp_path / "csv").glob("**/metrics.csv"))).read_text()
         assert "train/slice/" in metrics  # the local epoch logged per-slice losses
@@ -253,8 +259,8 @@ def _options(group: str) -> list[str]:
     ],
 )
 def test_every_config_composes_and_instantiates(group, tmp_path):
-    from tnexp.run import build_datamodule, build_model
-    from tnexp.student import tensorize_spec
+    from tnexp.stages.build import build_datamodule, build_model
+    from tnexp.stages.student import tensorize_spec
 
     for option in _options(group):
         override = f"{group}={option}"

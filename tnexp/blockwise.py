@@ -57,14 +57,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
+from tnexp.config import plain as _plain
 from tnexp.factory import (
     TensorizeReport,
     TensorizeSpec,
     count_parameters,
+    needs_input_stats,
     plan_layers,
+    save_tensorized,
     solve_overall_cr,
     supported_kind,
     tensorize,
@@ -83,6 +87,8 @@ from tnexp.modules.guard import DivergenceGuard
 from tnexp.modules.losses import get_distillation_loss
 from tnexp.modules.optim import build_optimizer, build_scheduler
 from tnexp.modules.tensorization import LocalConfig, NonFiniteLossError
+from tnexp.results import Results, plain_config, run_name
+from tnexp.runtime import runtime_record
 from tnexp.slicing import (
     Slice,
     SlicePlan,
@@ -91,6 +97,16 @@ from tnexp.slicing import (
     make_slice_plan,
     residual_blocks,
 )
+from tnexp.stages.build import (
+    build,
+    data_summary,
+    is_language_model,
+    load_teacher,
+    resolve_teacher_path,
+)
+from tnexp.stages.evaluate import evaluate_language_model
+from tnexp.stages.loggers import build_loggers, finish_loggers
+from tnexp.stages.student import tensorize_spec
 from tnexp.tn.mpo import MPOLinear
 from tnexp.tn.tucker import TuckerConv2d
 
@@ -1586,25 +1602,7 @@ def _batch_len(batch: Any) -> int:
 # =========================================================================== Hydra stage
 def run_memory_bounded_stage(cfg: Any) -> dict[str, Any]:
     """``method=local`` with ``method.memory_bounded.enabled=true``: the block-by-block run
-    behind :func:`tnexp.run.run_stage`, writing the same ``results.json`` fields."""
-    from omegaconf import OmegaConf
-
-    from tnexp.config import plain as _plain
-    from tnexp.factory import needs_input_stats, save_tensorized
-    from tnexp.run import (
-        _finish_loggers,
-        _run_name,
-        build_datamodule,
-        build_loggers,
-        build_task,
-        evaluate_language_model,
-        is_language_model,
-        load_teacher,
-        resolve_teacher_path,
-    )
-    from tnexp.runtime import runtime_record
-    from tnexp.student import build_student, tensorize_spec
-
+    behind :func:`tnexp.stages.train.run_stage`, writing the same results schema (tnexp.results)."""
     method = cfg.method
     mb = method.memory_bounded
     if method.name != "local":
@@ -1655,14 +1653,13 @@ def run_memory_bounded_stage(cfg: Any) -> dict[str, Any]:
             ".ckpt files do not apply)."
         )
     local = LocalConfig(**_plain(method.local))
-    datamodule = build_datamodule(cfg)
-    task = build_task(cfg)
     spec = tensorize_spec(cfg)
     skipped: list[str] = []
+    # The one set-up step of every stage, so random init draws the same numbers as there.
+    parts = build(cfg, teacher=config.offload == "cpu")
+    datamodule, task = parts.datamodule, parts.task
     if config.offload == "cpu":
-        # The same calls in the same order as run_stage, so random init draws the same numbers.
-        teacher = load_teacher(cfg)
-        student, report = build_student(cfg, teacher, datamodule, task, spec=spec)
+        teacher, student, report = parts.teacher, parts.student, parts.report
         teacher_weights = None
     else:
         if needs_input_stats(spec):
@@ -1700,10 +1697,8 @@ def run_memory_bounded_stage(cfg: Any) -> dict[str, Any]:
     # Validation uses the data's batch size, as in the normal mode (only limit_val_batches
     # makes it matter).
     datamodule.batch_size = data_batch_size
-    run_name = (
-        _run_name(cfg, report) if report is not None else f"local-cr{cfg.tensorize.get('cr')}"
-    )
-    loggers = build_loggers(cfg, out, run_name)
+    name = run_name(cfg, report)
+    loggers = build_loggers(cfg, out, name)
     extra: dict[str, Any] = {}
     if student is not None:
         before = evaluate_language_model(cfg, datamodule, student, "before_training")
@@ -1762,30 +1757,31 @@ def run_memory_bounded_stage(cfg: Any) -> dict[str, Any]:
             extra["teacher"] = dense
     base_config = OmegaConf.to_container(cfg.model, resolve=True)
     save_tensorized(student_model, result.report, out / "student", base_config=base_config)
-    results = {
-        "method": method.name,
-        "experiment": cfg.experiment_name,
-        "task": {"monitor": task.monitor, "mode": task.mode},
-        "metrics": {"final": final, "best": {task.monitor: timer.best_value}, **extra},
-        "time": {**timer.summary(), "run_wall_s": wall},
-        "params": {"student": count_parameters(student_model), "teacher": result.teacher_params},
-        "tensorize": result.report.to_dict(),
-        "weights": {"student": str(out / "student"), "best_checkpoint": None},
-        "epochs": config.epochs,
-        "global_step": result.steps_per_stage,
-        "memory_bounded": {
+    results = Results(
+        method=method.name,
+        experiment=cfg.experiment_name,
+        run_name=name,
+        task={"monitor": task.monitor, "mode": task.mode},
+        metrics={"final": final, "best": {task.monitor: timer.best_value}, **extra},
+        time={**timer.summary(), "run_wall_s": wall},
+        params={"student": count_parameters(student_model), "teacher": result.teacher_params},
+        tensorize=result.report.to_dict(),
+        weights={"student": str(out / "student"), "best_checkpoint": None},
+        data=data_summary(cfg, datamodule),
+        epochs=config.epochs,
+        global_step=result.steps_per_stage,
+        memory_bounded={
             **result.summary(),
             "skipped_evaluations": skipped if is_language_model(cfg) else [],
         },
-        "runtime": runtime_record(),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
-    atomic_write_json(out / "results.json", results)
+        runtime=runtime_record(),
+        config=plain_config(cfg),
+    ).write(out)
     log.info("results written to %s", out / "results.json")
     for logger in loggers:
         logger.log_metrics(final, step=result.steps_per_stage)
         logger.save()
-    _finish_loggers(loggers, results)
+    finish_loggers(loggers, results)
     return results
 
 

@@ -1,4 +1,4 @@
-"""The `tnexp` command: a Hydra app over configs/ (see configs/train.yaml).
+"""The `tnexp` command: a Hydra app over configs/ (configs/train.yaml) calling tnexp.run.
 
 Errors the user can fix (the :class:`tnexp.errors.TnexpError` family, config errors found
 by Hydra, an unwritable run directory) end the command with one message on stderr and exit
@@ -11,18 +11,15 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
-if TYPE_CHECKING:
-    from tnexp.restore import SavedRun
-
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
-if not Path(CONFIG_DIR).is_dir():  # installed as a wheel: configs ship inside the package
-    CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
+from tnexp.config import CONFIG_DIR, check_experiment_overrides
+from tnexp.errors import TnexpError
+from tnexp.restore import SavedRun, restore_config, saved_run
 
 # The config a run folder was started with, read before Hydra rewrites its .hydra/
 # (`hydra.run.dir=<dir> resume=auto`; tnexp/restore.py).
@@ -32,15 +29,14 @@ USAGE_ERROR = 2
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _app(cfg: DictConfig) -> None:
+    # Imported here, not for an import cycle (there is none) but for start-up time: the
+    # stages pull in torch and Lightning (seconds), which `tnexp --help`, `--cfg job` and
+    # a mistyped experiment name never need.
     from tnexp.console import setup_output
     from tnexp.run import run
 
     setup_output()
     if _SAVED_RUN is not None:
-        from hydra.core.hydra_config import HydraConfig
-
-        from tnexp.restore import restore_config
-
         cfg = restore_config(cfg, _SAVED_RUN, list(HydraConfig.get().overrides.task))
     run(cfg)
 
@@ -56,10 +52,6 @@ def _causes(err: BaseException) -> list[BaseException]:
 
 def user_error_message(err: BaseException) -> str | None:
     """The one-message form of a user-fixable error, or None for anything else (a bug)."""
-    from hydra.errors import CompactHydraException
-
-    from tnexp.errors import TnexpError
-
     chain = _causes(err)
     for item in chain:
         if isinstance(item, TnexpError):
@@ -92,9 +84,6 @@ def _reached_task(err: BaseException) -> bool:
 
 def main() -> None:
     global _SAVED_RUN
-    from tnexp.config import check_experiment_overrides
-    from tnexp.restore import saved_run
-
     # W&B stays offline unless the user asks otherwise; HF libraries must not try the hub.
     os.environ.setdefault("WANDB_SILENT", "true")
     try:

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from tnexp.errors import ConfigError
 
 __all__ = [
+    "CONFIG_DIR",
     "UnknownExperimentError",
     "check_experiment_overrides",
     "experiment_names",
@@ -23,6 +24,12 @@ __all__ = [
 ]
 
 PROFILE_FILE = "profile.json"
+
+# The Hydra config tree (configs/train.yaml). Here, at the bottom of the package, so that
+# library modules and tests find it without importing the entry point (tnexp.cli).
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+if not Path(CONFIG_DIR).is_dir():  # installed as a wheel: configs ship inside the package
+    CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
 
 
 def sensitive_layers(profile: str, k: int | str = 4) -> list[str]:

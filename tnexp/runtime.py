@@ -332,7 +332,7 @@ def apply_thread_policy(
     """Choose and set torch's threads for this stage; resolve ``data.num_workers``.
 
     ``launcher`` is ``"joblib"`` / ``"submitit"`` / ``"basic"`` / None (see
-    ``tnexp.slice_jobs.launcher_kind``); ``jobs`` the training processes that share these
+    ``tnexp.stages.prepare.launcher_kind``); ``jobs`` the training processes that share these
     cores (joblib jobs running at once x CPU DDP ranks).
     Returns ``cfg`` (a modified copy where ``data.num_workers`` changed) and the choice.
     """

@@ -40,6 +40,7 @@ IGNORED_PREFIXES = (
     "data.num_workers",
     "runtime.",  # torch threads: the same setting computed with other float summation orders
     "trainer.enable_progress_bar",
+    "trainer._target_",  # configs before the trainer group named its class have none
     "trainer.default_root_dir",
     "eval.lm_eval.include_path",
 )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -20,6 +19,7 @@ from tnexp.aggregate.common import (
     number,
     same,
 )
+from tnexp.results import ResultsFileError, read_results
 
 
 class UnreadableRecord(Exception):
@@ -27,22 +27,16 @@ class UnreadableRecord(Exception):
 
 
 def load_run_record(path: Path) -> dict[str, Any]:
-    """The record a stage wrote to ``path`` (its results.json): the one reader of run records.
+    """The record a stage wrote to ``path`` (results.json, read through tnexp.results).
 
     Raises :class:`UnreadableRecord` (the reason, for the incomplete-runs list) when the
     file cannot be read, is not JSON or holds no JSON object.
     """
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as err:
-        raise UnreadableRecord(f"results.json unreadable ({err})") from None
-    except json.JSONDecodeError as err:
-        raise UnreadableRecord(
-            f"results.json is not valid JSON ({err}); the run was probably interrupted"
-        ) from None
-    if not isinstance(data, dict):
-        raise UnreadableRecord("results.json does not hold a JSON object")
-    return data
+        return read_results(path).to_dict()  # the versioned schema, older files included
+    except ResultsFileError as err:
+        # The folder is listed as incomplete with the reason, not raised.
+        raise UnreadableRecord(str(err).replace(f"{path} ", "results.json ", 1)) from None
 
 
 @dataclass

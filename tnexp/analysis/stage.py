@@ -1,6 +1,6 @@
 """The ``method=analyze`` stage: bond spectra and entanglement entropy of one model.
 
-Analyses the teacher (``tnexp.run.load_teacher``) at the sizes ``cfg.tensorize`` would
+Analyses the teacher (``tnexp.stages.build.load_teacher``) at the sizes ``cfg.tensorize`` would
 give it, or a saved tensorized student (``method.student_path``, a ``student/`` folder
 written by a local/global/hybrid run). Writes ``spectra.json``, ``spectra.csv``,
 ``spectra.png``, ``entropy_depth.png``, ``entropy_heatmap.png`` and ``results.json``
@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from rich.table import Table
 
 from tnexp.analysis.propagation import (
     progressive_replacement,
@@ -28,9 +29,20 @@ from tnexp.analysis.propagation import (
 from tnexp.analysis.report import summarize, write_csv, write_json, write_plots
 from tnexp.analysis.spectra import LayerSpectrum, analyze_spectra
 from tnexp.config import plain
+from tnexp.console import console as make_console
 from tnexp.errors import ConfigError
-from tnexp.integrity import atomic_write_json
+from tnexp.eval import sliding_window_perplexity
+from tnexp.factory import SPEC_FILE, load_tensorized
+from tnexp.results import Results, plain_config
 from tnexp.slicing import make_slice_plan
+from tnexp.stages.build import (
+    build_datamodule,
+    build_model,
+    build_task,
+    is_language_model,
+    load_teacher,
+)
+from tnexp.stages.student import calibration_stats, tensorize_spec
 
 log = logging.getLogger("tnexp")
 
@@ -38,9 +50,6 @@ __all__ = ["run_analyze"]
 
 
 def _load_student(cfg: DictConfig, path: str) -> torch.nn.Module:
-    from tnexp.factory import SPEC_FILE, load_tensorized
-    from tnexp.run import build_model
-
     directory = Path(path)
     if (directory / "student" / SPEC_FILE).is_file():  # a run folder: its student/ inside
         directory = directory / "student"
@@ -55,9 +64,6 @@ def _load_student(cfg: DictConfig, path: str) -> torch.nn.Module:
 
 def _stats(cfg: DictConfig, teacher: torch.nn.Module, spec: Any) -> Any:
     """The teacher's input statistics (loaded or collected once, as tensorizing stages do)."""
-    from tnexp.run import build_datamodule, build_task
-    from tnexp.student import calibration_stats
-
     return calibration_stats(cfg, teacher, spec, build_datamodule(cfg), build_task(cfg), force=True)
 
 
@@ -89,9 +95,6 @@ def _log_wandb(cfg: DictConfig, out: Path, plots: dict[str, Path], summary: dict
 
 def run_analyze(cfg: DictConfig) -> dict[str, Any]:
     """Analyse the teacher or ``method.student_path`` and write the results (see module)."""
-    from tnexp.run import load_teacher
-    from tnexp.student import tensorize_spec
-
     m = cfg.method
     propagation = m.get("propagation") or {}
     if propagation.get("enabled") and not m.get("student_path"):
@@ -136,23 +139,24 @@ def run_analyze(cfg: DictConfig) -> dict[str, Any]:
         record, files = _propagation(cfg, model, out, title=f"{model_name} ({what})")
         plots["propagation"] = out / files["propagation_png"]
         extra = {"propagation": record["summary"]}
-    results = {
-        "method": "analyze",
-        "experiment": cfg.experiment_name,
-        "source": source,
-        "data_aware": stats is not None,
+    results = Results(
+        method="analyze",
+        experiment=cfg.experiment_name,
         # A few headline numbers; tnexp-aggregate lists the run (no table row).
-        "metrics": {"analysis": _headline(layers), **extra},
-        "summary": summary,
-        "files": {
-            "json": "spectra.json",
-            "csv": "spectra.csv",
-            **{k: p.name for k, p in plots.items()},
-            **({"propagation": "propagation.json"} if extra else {}),
+        metrics={"analysis": _headline(layers), **extra},
+        config=plain_config(cfg),
+        extra={
+            "source": source,
+            "data_aware": stats is not None,
+            "summary": summary,
+            "files": {
+                "json": "spectra.json",
+                "csv": "spectra.csv",
+                **{k: p.name for k, p in plots.items()},
+                **({"propagation": "propagation.json"} if extra else {}),
+            },
         },
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
-    atomic_write_json(out / "results.json", results)
+    ).write(out)
     _log_wandb(cfg, out, plots, summary)
     _print_summary(summary, source, out)
     return results
@@ -162,8 +166,6 @@ def _propagation(
     cfg: DictConfig, student: torch.nn.Module, out: Path, *, title: str
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """Per-slice error propagation and the progressive replacement ablation (see module)."""
-    from tnexp.run import build_datamodule, build_task, is_language_model, load_teacher
-
     p = cfg.method.propagation
     teacher = load_teacher(cfg).eval()
     plan = make_slice_plan(student, plain(p.slicing))
@@ -216,8 +218,6 @@ def _top1_metric(datamodule: Any, task: Any, batches: int):
 
 
 def _perplexity_metric(cfg: DictConfig, datamodule: Any):
-    from tnexp.eval import sliding_window_perplexity
-
     ev = cfg.eval.perplexity
     tokens = datamodule.val_tokens
     if ev.max_tokens:
@@ -236,10 +236,6 @@ def _perplexity_metric(cfg: DictConfig, datamodule: Any):
 
 
 def _print_propagation(errors: list, steps: list, metric: str) -> None:
-    from rich.table import Table
-
-    from tnexp.console import console as make_console
-
     table = Table(title="error propagation (relative output error per slice)")
     for col in ("slice", "teacher in", "student in", "amplification", "cos (student in)"):
         table.add_column(col, justify="left" if col == "slice" else "right")
@@ -271,10 +267,6 @@ def _headline(layers: list[LayerSpectrum]) -> dict[str, float | int]:
 
 
 def _print_summary(summary: dict[str, Any], source: str, out: Path) -> None:
-    from rich.table import Table
-
-    from tnexp.console import console as make_console
-
     table = Table(title=f"bond spectra of the {source} ({summary['layers']} layers)")
     for col in ("role", "cut", "layers", "S mean", "S max possible", "r90", "r99", "rank", "err"):
         table.add_column(col, justify="left" if col in ("role", "cut") else "right")

@@ -2,7 +2,8 @@
 
 A run whose loss reached 6e15 must not end with exit status 0 and a normal results.json;
 :class:`DivergenceGuard` raises :class:`TrainingDivergedError` (phase, step, value and a
-fix in the message) and ``tnexp.run`` then writes results.json with ``status: failed``.
+fix in the message) and the training stage (``tnexp.stages.train``) then writes
+results.json with ``status: failed``.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from tnexp.calibration import (
@@ -35,6 +36,7 @@ from tnexp.factory import (
     plan_layers,
     tensorize,
 )
+from tnexp.features import teacher_fingerprint
 
 log = logging.getLogger("tnexp")
 SPEC_KEYS = (
@@ -95,10 +97,6 @@ def calibration_stats(
     """
     if not (force or needs_input_stats(spec)):
         return None
-    from filelock import FileLock
-
-    from tnexp.features import teacher_fingerprint
-
     cal = cfg.tensorize.get("calibration") or {}
     num_batches = int(cal.get("num_batches") or 0)
     if num_batches <= 0:

@@ -10,7 +10,7 @@ Python::
     results = profile_layers(teacher, datamodule, cr=0.5)
     spec = {"rules": [...], **exclusion_spec(results, k=4)}
 
-Command line (composes the Hydra config for the model and data)::
+Command line (composes the Hydra config for the model and data; tnexp/stages/profile.py)::
 
     uv run python -m tnexp.profiling --teacher outputs/teacher/teacher.safetensors \\
         --model small_resnet --data digits --cr 0.5 --k 4 --out outputs/profile
@@ -21,7 +21,6 @@ snippet (``tensorize_profiled.yaml``) that excludes the ``k`` most sensitive lay
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -30,16 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from tnexp.factory import TensorizeSpec, plan_layers, tensorize
+from tnexp.features import to_device
 from tnexp.integrity import atomic_write_bytes, atomic_write_json
 
 __all__ = [
     "LayerSensitivity",
     "exclusion_spec",
-    "main",
     "most_sensitive",
     "plot_profile",
     "profile_layers",
@@ -76,16 +74,6 @@ class LayerSensitivity:
 
 
 # ------------------------------------------------------------------ evaluation
-def _move(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, list | tuple):
-        return type(batch)(_move(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _move(v, device) for k, v in batch.items()}
-    return batch
-
-
 @torch.no_grad()
 def top1_accuracy(model: nn.Module, batches: Iterable[Any]) -> float:
     """Top-1 accuracy in percent over ``(x, y)`` batches (on the model's device)."""
@@ -93,7 +81,7 @@ def top1_accuracy(model: nn.Module, batches: Iterable[Any]) -> float:
     model.eval()
     correct = total = 0
     for batch in batches:
-        x, y = _move(batch[0], device), _move(batch[1], device)
+        x, y = to_device(batch[0], device), to_device(batch[1], device)
         correct += int((model(x).argmax(dim=-1) == y).sum())
         total += int(y.numel())
     if total == 0:
@@ -328,137 +316,3 @@ def plot_profile(
         ax.legend(handles=[Patch(color="tab:red", label=f"{k} most sensitive (kept dense)")])
     fig.savefig(path, dpi=120)
     return path
-
-
-# ------------------------------------------------------------------ command line
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m tnexp.profiling",
-        description="Per-layer tensorization sensitivity (paper appendix B.1).",
-    )
-    p.add_argument("--teacher", required=True, help="teacher.safetensors (or its run dir)")
-    p.add_argument("--model", default="small_resnet", help="configs/model option")
-    p.add_argument("--data", default="digits", help="configs/data option")
-    p.add_argument("--cr", type=float, default=0.5, help="per-layer CR (fraction removed)")
-    p.add_argument("--k", type=int, default=4, help="number of layers to keep dense")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--pattern", default="layer*.*.conv*", help="candidate-layer glob")
-    p.add_argument("--init", default="svd", choices=("svd", "random"))
-    p.add_argument("--method", default="tucker", choices=("tucker", "mpo", "auto"))
-    p.add_argument("--max-batches", type=int, default=None, help="limit validation batches")
-    p.add_argument("--device", default=None, help="e.g. cuda (default: cpu)")
-    p.add_argument("--name", default="profiled", help="name of the tensorize config snippet")
-    p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
-    p.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. data.batch_size=256")
-    return p
-
-
-def run_profile(cfg: Any) -> dict[str, Any]:
-    """The ``method=profile`` stage: profile the teacher's layers, write the results.
-
-    Writes ``profile.csv``, ``profile.json`` (read by the ``tnexp.sensitive_layers``
-    config resolver), ``profile.png``, a ``tensorize_<name>.yaml`` snippet and
-    ``results.json`` into ``paths.output_dir``, and prints the ranking.
-    """
-    from rich.table import Table
-
-    from tnexp.console import console as make_console
-    from tnexp.run import build_datamodule, load_teacher
-    from tnexp.runtime import runtime_record
-    from tnexp.slice_jobs import prepare_stage
-
-    cfg = prepare_stage(cfg)  # thread policy and data workers, as for every stage
-    m = cfg.method
-    out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(int(cfg.seed))
-    datamodule = build_datamodule(cfg)
-    teacher = load_teacher(cfg)
-    device = m.get("device") or ("cuda" if torch.cuda.is_available() else None)
-    results = profile_layers(
-        teacher,
-        datamodule,
-        pattern=str(m.pattern),
-        cr=float(m.cr),
-        init=str(m.init),
-        method=str(m.decomposition),
-        max_batches=m.max_batches,
-        device=device,
-        progress=bool(m.get("progress", True)),
-    )
-    k = min(int(m.k), len(results))
-    write_profile_csv(results, out / "profile.csv")
-    write_profile_json(results, out / "profile.json")
-    model_name = str(cfg.model._target_).rsplit(".", 1)[-1]
-    data_name = cfg.data.info.get("name", "data")
-    plot_profile(
-        results,
-        out / "profile.png",
-        k=k,
-        title=f"{model_name} on {data_name}, one layer at CR {m.cr}",
-    )
-    snippet = write_exclusion_yaml(results, k, out / f"tensorize_{m.snippet_name}.yaml")
-    summary = {
-        "method": "profile",
-        "experiment": cfg.experiment_name,
-        "metrics": {"dense": {"val/top1": results[0].dense_accuracy if results else None}},
-        "excluded": most_sensitive(results, k),
-        "profile": [r.to_dict() for r in results],
-        "runtime": runtime_record(),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
-    atomic_write_json(out / "results.json", summary)
-
-    console = make_console()
-    table = Table(title=f"dense score {results[0].dense_accuracy:.2f}" if results else None)
-    for col in ("rank", "layer", "score", "drop", "CR"):
-        table.add_column(col, justify="left" if col == "layer" else "right")
-    by_name = {r.name: r for r in results}
-    for i, name in enumerate(most_sensitive(results, len(results)), 1):
-        r = by_name[name]
-        style = "bold red" if i <= k else None
-        table.add_row(
-            str(i), name, f"{r.accuracy:.2f}", f"{r.drop:.2f}", f"{r.cr:.3f}", style=style
-        )
-    console.print(table)
-    console.print(
-        f"exclusion spec: {exclusion_spec(results, k)}\n"
-        f"wrote {out / 'profile.csv'}, {out / 'profile.png'}, {snippet}; later stages read "
-        f"it with tensorize.exclude='${{tnexp.sensitive_layers:{out},{k}}}'"
-    )
-    return summary
-
-
-def main(argv: Sequence[str] | None = None) -> list[LayerSensitivity]:
-    """Entry point of ``python -m tnexp.profiling``; returns the profile."""
-    args = _parser().parse_args(argv)
-    from hydra import compose, initialize_config_dir
-
-    from tnexp.cli import CONFIG_DIR
-
-    out = Path(args.out)
-    overrides = [
-        "method=profile",
-        f"model={args.model}",
-        f"data={args.data}",
-        f"teacher.path={Path(args.teacher).resolve()}",
-        f"paths.output_dir={out.resolve()}",
-        f"method.pattern={args.pattern}",
-        f"method.cr={args.cr}",
-        f"method.init={args.init}",
-        f"method.decomposition={args.method}",
-        f"method.k={args.k}",
-        f"method.max_batches={'null' if args.max_batches is None else args.max_batches}",
-        f"method.device={args.device or 'null'}",
-        f"method.snippet_name={args.name}",
-        f"method.progress={not args.no_progress}",
-        *args.overrides,
-    ]
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    summary = run_profile(cfg)
-    return [LayerSensitivity(**entry) for entry in summary["profile"]]
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""The quickstart demo behind a bare `uv run tnexp`.
+"""The ``method=quickstart`` stage: the demo behind a bare `uv run tnexp`.
 
 Pretrains a small ResNet teacher on scikit-learn's digits, tensorizes it with Tucker-2
 at each CR of ``method.crs``, recovers it with each of ``method.methods`` (local, global,
@@ -16,10 +16,14 @@ from typing import Any
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+from rich.table import Table
 
+from tnexp.console import console
 from tnexp.integrity import atomic_write_bytes, atomic_write_json
+from tnexp.plots import draw_recovery, hybrid_switch_epoch, share_y
 from tnexp.restore import save_config
-from tnexp.run import TEACHER_FILE, run_stage
+from tnexp.stages.build import TEACHER_FILE
+from tnexp.stages.train import run_stage
 
 log = logging.getLogger("tnexp")
 
@@ -45,6 +49,7 @@ def _stage(q: DictConfig, method: str, overrides: list[str]) -> DictConfig:
 
 
 def run_quickstart(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Pretrain, then tensorize and recover at every CR with every method; print, plot."""
     q = cfg.method
     out = Path(cfg.paths.output_dir)
     total = 1 + len(q.crs) * len(q.methods)
@@ -167,10 +172,6 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    from rich.table import Table
-
-    from tnexp.console import console
-
     table = Table(title="tnexp quickstart: ResNet on digits, Tucker-2")
     for title, _, _ in COLUMNS:
         table.add_column(title, justify="left" if title == "method" else "right")
@@ -192,8 +193,6 @@ def plot_accuracy_vs_time(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from tnexp.plots import draw_recovery, hybrid_switch_epoch, share_y
 
     crs = sorted({r["config"]["tensorize"].get("cr") for r in runs})
     fig, axes = plt.subplots(1, len(crs), figsize=(5.5 * len(crs), 4), squeeze=False)
