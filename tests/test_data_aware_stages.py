@@ -103,3 +103,34 @@ def test_statistics_of_an_older_format_are_recollected(teacher_dir, tmp_path):
     _student(cfg)
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata()["format"] == "2"
+
+
+def test_compensation_in_the_build_is_deterministic_and_changes_only_later_layers(
+    teacher_dir, tmp_path
+):
+    common = [
+        "method=local",
+        f"teacher.path={teacher_dir}",
+        "tensorize.init=als",
+        "tensorize.calibration.num_batches=2",
+        "tensorize.als_sweeps=1",
+    ]
+    plain_cfg = make_cfg(tmp_path, *common)
+    on_cfg = make_cfg(tmp_path, *common, "tensorize.calibration.compensate=true")
+    torch.manual_seed(5)
+    plain, _ = _student(plain_cfg)
+    torch.manual_seed(5)
+    first, _ = _student(on_cfg)
+    after = torch.rand(3)
+    torch.manual_seed(5)
+    second, _ = _student(on_cfg)
+    torch.manual_seed(5)
+    _student(plain_cfg)
+    assert torch.equal(torch.rand(3), after)  # compensation consumed no random numbers
+    changed = set()
+    for name, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[name]), name  # same student twice
+        if not torch.equal(value, plain.state_dict()[name]):
+            changed.add(name)
+            assert ".conv2." in name, name  # conv1 saw the teacher's inputs: unchanged
+    assert changed  # and the conv2 layers were refitted

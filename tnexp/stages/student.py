@@ -6,6 +6,8 @@ Data-aware inits (``tensorize.init=whiten|als``, ``layout=auto``) need the teach
 statistics: they are collected once from ``tensorize.calibration.num_batches`` training
 batches, saved under ``tensorize.calibration.dir`` (default ``<paths.cache_dir>/
 calibration``) keyed by teacher, data and layers, and loaded by every later run or job.
+With ``tensorize.calibration.compensate`` the later layers of each slice are then refitted
+from the student's own inputs (:mod:`tnexp.compensation`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from tnexp.calibration import (
     collect_input_stats,
     stats_key,
 )
+from tnexp.compensation import CompensationResult, compensate_slices
+from tnexp.config import plain
 from tnexp.factory import (
     TensorizeReport,
     TensorizeSpec,
@@ -37,6 +41,7 @@ from tnexp.factory import (
     tensorize,
 )
 from tnexp.features import teacher_fingerprint
+from tnexp.slicing import make_slice_plan
 
 log = logging.getLogger("tnexp")
 SPEC_KEYS = (
@@ -157,6 +162,8 @@ def build_student(
     spec = spec or tensorize_spec(cfg)
     stats = calibration_stats(cfg, teacher, spec, datamodule, task)
     student, report = tensorize(teacher, spec, stats=stats, progress=progress)
+    if stats is not None and (cfg.tensorize.get("calibration") or {}).get("compensate"):
+        compensate(cfg, teacher, student, datamodule, task)
     errors = [layer.output_error for layer in report.layers if layer.output_error is not None]
     if errors:
         log.info(
@@ -172,9 +179,38 @@ def build_student(
     return student, report
 
 
+def compensate(
+    cfg: DictConfig, teacher: torch.nn.Module, student: torch.nn.Module, datamodule: Any, task: Any
+) -> CompensationResult:
+    """Refit later layers of each slice from the student's own inputs (tnexp.compensation).
+
+    Uses the calibration batches (the same ones as the statistics: same RNG state, then
+    restored), so every run and slice job reaches the same student.
+    """
+    cal = cfg.tensorize.calibration
+    plan = make_slice_plan(student, plain(cal.get("compensate_slicing") or "block"))
+    t = cfg.tensorize
+    with preserved_rng():
+        result = compensate_slices(
+            teacher,
+            student,
+            plan,
+            datamodule.train_dataloader(),
+            model_inputs=task.model_inputs,
+            num_batches=int(cal.num_batches),
+            damping=float(t.get("damping", 0.01)),
+            als_sweeps=int(t.get("als_sweeps", 4)),
+            als_tol=float(t.get("als_tol", 1e-4)),
+            device=_device(cfg),
+            progress=cfg.callbacks.get("progress_bar", "none") != "none",
+        )
+    return result
+
+
 __all__ = [
     "build_student",
     "calibration_stats",
+    "compensate",
     "preserved_rng",
     "tensorize_spec",
 ]
