@@ -195,10 +195,10 @@ def test_contraction_override_and_merge():
         ({"rules": [{"pattern": "fc", "method": "tucker", "cr": 0.5}]}, "asks for tucker"),
         ({"rules": [{"pattern": "fc", "cr": 0.5, "in_factors": [7, 73]}]}, "multiply to 511"),
         ({"rules": [{"pattern": "layer*.*.conv*"}]}, "neither cr"),
-        ({"rules": [{"pattern": "layer*", "cr": 0.5}], "exclude": ["nope"]}, "exclusion 'nope'"),
-        ({"rules": [{"pattern": "layer*", "cr": 0.5}], "colour": 1}, "unknown tensorization"),
-        ({"rules": [{"pattern": "layer*", "cr": 0.5}], "overall_cr": 0.3}, "remove cr"),
-        ({"rules": [{"pattern": "layer*", "cr": 0.5}], "contraction": "fast"}, "contraction"),
+        ({"rules": [{"pattern": "layer*.**", "cr": 0.5}], "exclude": ["nope"]}, "exclusion 'nope'"),
+        ({"rules": [{"pattern": "layer*.**", "cr": 0.5}], "colour": 1}, "unknown tensorization"),
+        ({"rules": [{"pattern": "layer*.**", "cr": 0.5}], "overall_cr": 0.3}, "remove cr"),
+        ({"rules": [{"pattern": "layer*.**", "cr": 0.5}], "contraction": "fast"}, "contraction"),
     ],
 )
 def test_bad_specs(spec, message):
