@@ -10,6 +10,7 @@ from torch import nn
 
 from tnexp.factory import match_pattern, supported_kind, tensorize
 from tnexp.models import cifar_resnet18
+from tnexp.models.hf import tiny_hf_model
 from tnexp.tn import TensorizationError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -119,11 +120,29 @@ def test_every_config_selects_the_same_layers_as_before(config, pattern):
     """The shipped configs select exactly what they selected under fnmatch semantics."""
     if pattern.startswith("transformer."):
         model = small_gpt2()
+    elif pattern.startswith("encoder.layer"):
+        model = tiny_hf_model("bert", hidden_size=16, num_hidden_layers=2, num_attention_heads=2)
+    elif "layers.*.mlp.fc" in pattern:
+        model = tiny_hf_model(
+            "vit", hidden_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=8
+        )
     elif pattern.startswith("model.layers"):
         model = small_llama()
     else:
         model = cifar_resnet18(num_classes=10, width=4)
     names = [n for n, m in model.named_modules() if n and supported_kind(m)]
     new = [n for n in names if match_pattern(n, pattern)]
+    if pattern in WRITTEN_FOR_PATH_GLOBS:  # configs added with the new semantics
+        assert new == WRITTEN_FOR_PATH_GLOBS[pattern], config
+        return
     old = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
     assert new and new == old, config
+
+
+# Configs written after '*' stopped crossing dots, and exactly what they must select
+# (fnmatch would add the attention's output.dense to the second one).
+WRITTEN_FOR_PATH_GLOBS = {
+    "encoder.layer.*.intermediate.dense": [f"encoder.layer.{i}.intermediate.dense" for i in (0, 1)],
+    "encoder.layer.*.output.dense": [f"encoder.layer.{i}.output.dense" for i in (0, 1)],
+    "**.layers.*.mlp.fc*": [f"layers.{i}.mlp.fc{j}" for i in (0, 1) for j in (1, 2)],
+}

@@ -317,9 +317,10 @@ class FeatureMatchingTask:
         metrics["ref_sq"].update(rows_t.pow(2).sum())
         metrics["cos_sum"].update(F.cosine_similarity(rows_s, rows_t, dim=1).sum())
         metrics["rows"].update(float(rows_t.shape[0]))
-        if outputs.teacher.dim() == 2 and rows_t.shape[0] >= 3:  # per-sample embeddings
-            metrics["sim_corr_sum"].update(similarity_correlation(rows_s, rows_t))
-            metrics["sim_batches"].update(1.0)
+        embedding = outputs.teacher.dim() == 2 and rows_t.shape[0] >= 3  # per-sample vectors
+        corr = similarity_correlation(rows_s, rows_t) if embedding else 0.0
+        metrics["sim_corr_sum"].update(corr)  # updated either way: no empty-metric warnings
+        metrics["sim_batches"].update(float(embedding))
         metrics["loss"].update(loss.detach(), weight=max(int(rows_t.shape[0]), 1))
 
     @staticmethod

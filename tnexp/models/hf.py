@@ -417,6 +417,11 @@ def build_hf_model(
     from transformers import AutoConfig
 
     del tokenizer  # read by the data config
+    if not name:
+        raise ConfigError(
+            "model=hf needs model.name: a hub id (e.g. bert-base-uncased, in the local HF "
+            "cache when offline) or a local folder written by save_pretrained."
+        )
     source = resolve_model_source(name, gguf_file)
     hub = _hub_kwargs(source, local_files_only, trust_remote_code)
     extra = {} if num_labels is None else {"num_labels": int(num_labels)}
