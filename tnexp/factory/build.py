@@ -102,7 +102,8 @@ def _build_layer(
         layer = TuckerConv2d.from_conv(
             item.module,
             ranks=size["ranks"],
-            init="svd" if init == "als" else init,
+            init="svd" if init in ("als", "hooi") else init,
+            method="hooi" if init == "hooi" else "hosvd",
             name=item.name,
         )
         if init == "als":

@@ -71,6 +71,12 @@ def plan_layers(model: nn.Module, spec: TensorizeSpec) -> list[_Planned]:
                 f"{type(module).__name__} (supported: tucker for nn.Conv2d, mpo for nn.Linear / "
                 "Conv1D). Narrow the pattern or use method: auto."
             )
+        if rule.init == "hooi" and kind != "tucker":
+            raise TensorizationError(
+                f"{name}: init 'hooi' refines a Tucker-2 decomposition of a convolution; this "
+                f"{type(module).__name__} becomes an MPO, whose svd init (TT-SVD) is already the "
+                "best 2-site truncation. Use init: svd (or als with input statistics) here."
+            )
         item = _Planned(name, module, kind, rule)
         if kind == "mpo":
             _check_factor_lists(name, rule)

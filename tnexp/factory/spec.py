@@ -20,7 +20,10 @@ from tnexp.tn.ranks import (
 )
 
 METHODS = ("auto", "tucker", "mpo")
-INITS = ("svd", "random", "whiten", "als")
+# svd: HOSVD (Tucker-2, paper eq. 13-15) / TT-SVD (MPO), the default: one pass, the
+# paper's choice | hooi: HOSVD refined by alternating projections (Tucker-2 only; never a
+# higher weight error) | random | whiten / als: data-aware (need input statistics).
+INITS = ("svd", "hooi", "random", "whiten", "als")
 DATA_INITS = ("whiten", "als")  # need input statistics of the teacher (tnexp.calibration)
 LAYOUTS = ("balanced", "lowrank", "auto")
 ALLOCATIONS = ("uniform", "adaptive")
@@ -39,7 +42,7 @@ class TensorizeRule:
     num_sites: int = 2
     in_factors: list[int] | None = None
     out_factors: list[int] | None = None
-    init: str = "svd"  # svd | random | whiten | als (the last two need input statistics)
+    init: str = "svd"  # svd | hooi | random | whiten | als (the last two need input stats)
     layout: str = "balanced"  # MPO only: balanced | lowrank | auto
 
     def __post_init__(self) -> None:
