@@ -307,3 +307,26 @@ def test_mpo_bad_input():
         MPOLinear.from_linear(nn.Conv2d(3, 3, 1), cr=0.5)
     with pytest.raises(ValueError, match="last dimension 24"):
         MPOLinear.from_linear(layer, cr=0.5)(torch.randn(2, 23))
+
+
+def test_forced_contraction_order_that_would_not_fit_is_refused():
+    from tnexp.tn.mpo import MPOLinear
+
+    layer = MPOLinear.from_linear(
+        torch.nn.Linear(64, 64), bond_dim=64, in_factors=[8, 8], out_factors=[8, 8]
+    )
+    x = torch.randn(32, 64)
+    planner = layer._planner
+    # left_to_right keeps x*G1 (T, i2, o1, D) and the output (T, o1, o2) for the backward.
+    assert planner.memory_elements(32, "left_to_right") == 32 * 8 * 8 * 64 + 32 * 64
+    assert planner.memory_elements(32, "left_to_right", grad=False) == 32 * 8 * 8 * 64
+    layer.memory_budget = 4 * 32 * 8 * 8 * 64 // 2  # half of what the order needs
+    layer.contraction = "left_to_right"
+    auto = planner.auto_order(32)
+    with pytest.raises(TensorizationError, match=rf"left_to_right.*auto order here is '{auto}'"):
+        layer(x)
+    layer.contraction = "auto"  # auto is never refused (it is the cheapest plan)
+    assert layer(x).shape == (32, 64)
+    layer.contraction = "left_to_right"
+    layer.memory_budget = None  # the free memory of the CPU: plenty for this layer
+    assert layer(x).shape == (32, 64)
