@@ -147,3 +147,50 @@ def test_feature_task_names_missing_outputs():
 def test_local_config_loss_choice_still_validated():
     with pytest.raises(ValueError, match="unknown distillation loss"):
         LocalConfig(loss="l1")
+
+
+@pytest.mark.parametrize(
+    ("model_type", "spec_pattern", "paths"),
+    [
+        (
+            "roberta",
+            "encoder.layer.*.*.dense",
+            ("encoder.layer.0.intermediate", "encoder.layer.0.output"),
+        ),
+        ("vit", "layers.*.mlp.fc*", ("layers.0.mlp",)),
+    ],
+)
+def test_block_slices_of_other_encoders_replay_the_teacher(model_type, spec_pattern, paths):
+    from tnexp.models.hf import tiny_hf_model
+
+    kwargs = {"image_size": 8, "patch_size": 4, "num_channels": 1} if model_type == "vit" else {}
+    teacher = tiny_hf_model(
+        model_type,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        **kwargs,
+    )
+    student, _ = tensorize(teacher, {"rules": [{"pattern": spec_pattern, "cr": 0.5}]})
+    plan = make_slice_plan(student, "block")
+    assert plan[0].paths == paths and len(plan) == 2
+    inputs = torch.randn(2, 1, 8, 8) if model_type == "vit" else padded_batch()
+    features = FeatureCapture(teacher, plan)(inputs)
+    for s in plan:
+        f = features[s.name]
+        torch.testing.assert_close(s.forward(teacher, f.input, **f.kwargs), f.output)
+
+
+def test_groups_of_encoder_layers_replay_the_teacher():
+    teacher = tiny_bert(layers=4)
+    student, _ = tensorize(teacher, FFN_SPEC)
+    plan = make_slice_plan(student, "group:2")
+    assert [s.paths for s in plan] == [
+        ("encoder.layer.0", "encoder.layer.1"),
+        ("encoder.layer.2", "encoder.layer.3"),
+    ]
+    features = FeatureCapture(teacher, plan)(padded_batch())
+    for s in plan:  # the attention mask reaches every layer of the group
+        f = features[s.name]
+        torch.testing.assert_close(s.forward(teacher, f.input, **f.kwargs), f.output)
