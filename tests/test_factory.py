@@ -195,10 +195,10 @@ def test_contraction_override_and_merge():
         ({"rules": [{"pattern": "fc", "method": "tucker", "cr": 0.5}]}, "asks for tucker"),
         ({"rules": [{"pattern": "fc", "cr": 0.5, "in_factors": [7, 73]}]}, "multiply to 511"),
         ({"rules": [{"pattern": "layer*.*.conv*"}]}, "neither cr"),
-        ({"rules": [{"pattern": "layer*", "cr": 0.5}], "exclude": ["nope"]}, "exclusion 'nope'"),
-        ({"rules": [{"pattern": "layer*", "cr": 0.5}], "colour": 1}, "unknown tensorization"),
-        ({"rules": [{"pattern": "layer*", "cr": 0.5}], "overall_cr": 0.3}, "remove cr"),
-        ({"rules": [{"pattern": "layer*", "cr": 0.5}], "contraction": "fast"}, "contraction"),
+        ({"rules": [{"pattern": "layer*.**", "cr": 0.5}], "exclude": ["nope"]}, "exclusion 'nope'"),
+        ({"rules": [{"pattern": "layer*.**", "cr": 0.5}], "colour": 1}, "unknown tensorization"),
+        ({"rules": [{"pattern": "layer*.**", "cr": 0.5}], "overall_cr": 0.3}, "remove cr"),
+        ({"rules": [{"pattern": "layer*.**", "cr": 0.5}], "contraction": "fast"}, "contraction"),
     ],
 )
 def test_bad_specs(spec, message):
@@ -224,3 +224,27 @@ def test_spec_from_hydra_config():
     spec = TensorizeSpec.from_config(cfg)
     assert spec.rules[0].cr == 0.7 and spec.rules[0].init == "random"
     assert TensorizeSpec.from_config(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize("cr", [0.5, 0.8])
+def test_hooi_init_error_is_at_most_hosvd(cr):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(24, 32, 3)
+    with torch.no_grad():  # a kernel with a decaying channel spectrum, like trained ones
+        conv.weight.mul_(torch.linspace(1.0, 0.05, 32).view(-1, 1, 1, 1))
+    model = nn.Sequential(conv)
+    errors = {}
+    for init in ("svd", "hooi"):
+        _, report = tensorize(model, {"rules": [{"pattern": "0", "cr": cr, "init": init}]})
+        errors[init] = report.layers[0].weight_error
+        assert report.layers[0].init == init
+    assert errors["hooi"] <= errors["svd"] + 1e-9
+    assert errors["hooi"] < errors["svd"]  # it does refine, not only copy
+
+
+def test_hooi_on_a_linear_layer_says_what_to_use():
+    with pytest.raises(TensorizationError, match=r"init 'hooi'.*Use init: svd"):
+        tensorize(
+            nn.Sequential(nn.Linear(16, 16)),
+            {"rules": [{"pattern": "0", "cr": 0.5, "init": "hooi"}]},
+        )

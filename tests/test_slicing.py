@@ -88,7 +88,7 @@ def test_transformer_granularities(gpt2_student, llama_student):
 
 
 def test_blocks_without_tensorized_layers_are_skipped():
-    resnet, _ = tensorize(small_resnet(width=8), {"rules": [{"pattern": "layer2.*", "cr": 0.5}]})
+    resnet, _ = tensorize(small_resnet(width=8), {"rules": [{"pattern": "layer2.**", "cr": 0.5}]})
     assert make_slice_plan(resnet, "block").names() == ["layer2.0"]
     assert make_slice_plan(resnet, "group:2").names() == ["layer1.0+layer2.0"]
     assert make_slice_plan(resnet, "group:3").names() == ["layer1.0+layer2.0+layer3.0"]

@@ -307,3 +307,49 @@ def test_mpo_bad_input():
         MPOLinear.from_linear(nn.Conv2d(3, 3, 1), cr=0.5)
     with pytest.raises(ValueError, match="last dimension 24"):
         MPOLinear.from_linear(layer, cr=0.5)(torch.randn(2, 23))
+
+
+def test_forced_contraction_order_that_would_not_fit_is_refused():
+    from tnexp.tn.mpo import MPOLinear
+
+    layer = MPOLinear.from_linear(
+        torch.nn.Linear(64, 64), bond_dim=64, in_factors=[8, 8], out_factors=[8, 8]
+    )
+    x = torch.randn(32, 64)
+    planner = layer._planner
+    # left_to_right keeps x*G1 (T, i2, o1, D) and the output (T, o1, o2) for the backward.
+    assert planner.memory_elements(32, "left_to_right") == 32 * 8 * 8 * 64 + 32 * 64
+    assert planner.memory_elements(32, "left_to_right", grad=False) == 32 * 8 * 8 * 64
+    layer.memory_budget = 4 * 32 * 8 * 8 * 64 // 2  # half of what the order needs
+    layer.contraction = "left_to_right"
+    auto = planner.auto_order(32)
+    with pytest.raises(TensorizationError, match=rf"left_to_right.*auto order here is '{auto}'"):
+        layer(x)
+    layer.contraction = "auto"  # auto is never refused (it is the cheapest plan)
+    assert layer(x).shape == (32, 64)
+    layer.contraction = "left_to_right"
+    layer.memory_budget = None  # the free memory of the CPU: plenty for this layer
+    assert layer(x).shape == (32, 64)
+
+
+@pytest.mark.parametrize("shape", [(24, 96), (96, 24), (40, 40)])
+def test_mpo_svd_init_reaches_the_truncated_svd_optimum(shape):
+    """The Gram-eigenvector truncation gives the Eckart-Young error of a full SVD."""
+    from tnexp.tn.datainit import mpo_contract
+    from tnexp.tn.mpo import _truncated_split, mpo_svd, site_major
+
+    torch.manual_seed(0)
+    in_dim, out_dim = shape
+    weight = torch.randn(in_dim, out_dim, dtype=torch.float64) * torch.logspace(0, -3, out_dim)
+    fin, fout = [4, in_dim // 4], [4, out_dim // 4]
+    bond = 7
+    approx = mpo_contract(mpo_svd(weight, fin, fout, [bond]))
+    unfolded = site_major(weight, fin, fout).reshape(fin[0] * fout[0], -1)
+    s = torch.linalg.svdvals(unfolded)
+    optimum = float(s[bond:].pow(2).sum().sqrt() / s.pow(2).sum().sqrt())
+    error = float((approx - weight).norm() / weight.norm())
+    assert error == pytest.approx(optimum, rel=1e-9)
+    for m, n in ((30, 50), (50, 30)):  # both branches: left factor orthonormal
+        u, rest = _truncated_split(torch.randn(m, n, dtype=torch.float64), 5)
+        torch.testing.assert_close(u.T @ u, torch.eye(5, dtype=torch.float64))
+        assert rest.shape == (5, n)

@@ -236,7 +236,7 @@ def test_cached_local_stage_runs(teacher_dir, tmp_path):
 
 # ---------------------------------------------------------------- configs
 # Pretrained hub/GGUF checkpoints (downloaded or dequantized when instantiated).
-HF_CHECKPOINT_MODELS = {"gpt2", "gpt2_xl", "smollm2_135m"}
+HF_CHECKPOINT_MODELS = {"gpt2", "gpt2_xl", "smollm2_135m", "hf"}
 
 
 def _options(group: str) -> list[str]:
@@ -250,6 +250,7 @@ def _options(group: str) -> list[str]:
         "model",
         "tensorize",
         "method",
+        "task",
         "trainer",
         "logger",
         "callbacks",

@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import fnmatch
 import gc
 import hashlib
 import itertools
@@ -66,6 +65,7 @@ from tnexp.factory import (
     TensorizeReport,
     TensorizeSpec,
     count_parameters,
+    match_pattern,
     needs_input_stats,
     plan_layers,
     save_tensorized,
@@ -971,7 +971,7 @@ def _stage_spec(spec: TensorizeSpec, shell: nn.Module, per_layer_cr: float | Non
     names = [n for n, m in shell.named_modules() if n and supported_kind(m)]
 
     def used(pattern: str) -> bool:
-        return any(n == pattern or fnmatch.fnmatchcase(n, pattern) for n in names)
+        return any(match_pattern(n, pattern) for n in names)
 
     rules = [
         dataclasses.replace(r, cr=per_layer_cr)

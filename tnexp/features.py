@@ -173,6 +173,22 @@ def _sanitize_kwargs(extra: dict[str, Any]) -> dict[str, Any]:
     return clean
 
 
+def _pop_residual(s: Slice, extra: dict[str, Any], slice_input: Any) -> dict[str, Any]:
+    """The last member's extra inputs without its residual, checked to be the slice input."""
+    extra = dict(extra)
+    name = next(iter(extra), None)  # the second positional parameter comes first
+    residual = extra.pop(name) if name is not None else None
+    if not (isinstance(residual, torch.Tensor) and isinstance(slice_input, torch.Tensor)) or (
+        not _same_tensor(residual, slice_input)
+    ):
+        raise SlicePlanError(
+            f"residual slice {s.name!r}: the second argument of {s.paths[-1]!r} is not the "
+            f"input of {s.paths[0]!r}, so the residual cannot be replayed. Use granularity "
+            "'layer' or an explicit list of module paths."
+        )
+    return extra
+
+
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a is b or (
         a.data_ptr() == b.data_ptr()
@@ -378,6 +394,8 @@ class FeatureCapture:
             first = _sanitize_kwargs(links[(s.name, 0)].get("kwargs", {}))
             for i in range(1, len(s.paths)):
                 other = _sanitize_kwargs(links[(s.name, i)].get("kwargs", {}))
+                if s.residual and i == len(s.paths) - 1:
+                    other = _pop_residual(s, other, links[(s.name, 0)].get("input"))
                 if set(first) != set(other) or not all(
                     _same_value(first[k], other[k]) for k in first
                 ):

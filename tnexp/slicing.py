@@ -9,8 +9,13 @@ same names.
 Granularities (paper section 3: a slice is a layer, a block, or a group of blocks):
 
 * ``"layer"`` - every tensorized layer (TuckerConv2d / MPOLinear) is a slice;
-* ``"block"`` - residual blocks (torchvision BasicBlock / Bottleneck) of CNNs, or the MLP of
-  each transformer layer (paths ending in ``.mlp``);
+* ``"block"`` - residual blocks (torchvision BasicBlock / Bottleneck) of CNNs; the
+  feed-forward block of each encoder layer (BERT / RoBERTa-style ``intermediate`` +
+  ``output``, one slice whose ``output`` also gets the slice input as its residual); or the
+  MLP of each transformer layer (paths ending in ``.mlp``: GPT-2, Llama, ViT);
+* ``"block:<pattern>"`` - every module whose path matches ``<pattern>`` (the factory's
+  pattern syntax: ``*`` within one dotted component, ``**`` across) is one slice, e.g.
+  ``block:encoder.layer.*.attention``;
 * ``"decoder"`` - whole transformer decoder layers (GPT-2 ``transformer.h.N``, Llama
   ``model.layers.N``);
 * ``"group:k"`` - k consecutive residual blocks (CNNs) or decoder layers (transformers);
@@ -20,6 +25,7 @@ Granularities (paper section 3: a slice is a layer, a block, or a group of block
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,13 +42,21 @@ __all__ = [
     "SlicePlan",
     "SlicePlanError",
     "decoder_layers",
+    "encoder_ffns",
     "first_tensor",
     "make_slice_plan",
     "residual_blocks",
     "transformer_mlps",
 ]
 
-GRANULARITIES = ("layer", "block", "decoder", "group:<k>", "<explicit list of paths>")
+GRANULARITIES = (
+    "layer",
+    "block",
+    "block:<pattern>",
+    "decoder",
+    "group:<k>",
+    "<explicit list of paths>",
+)
 
 
 class SlicePlanError(ValueError):
@@ -81,6 +95,9 @@ class Slice:
 
     name: str
     paths: tuple[str, ...]
+    # The last module also takes the slice input as its second argument: BERT's
+    # ``output(hidden_states, input_tensor)`` adds the residual and normalises.
+    residual: bool = False
 
     def __post_init__(self) -> None:
         # Accept lists (from JSON / Hydra) but store a tuple so the dataclass stays hashable.
@@ -99,9 +116,14 @@ class Slice:
         :class:`tnexp.features.FeatureCapture`) go to every member: the decoder layers of
         one transformer all receive the same masks and positions.
         """
-        for module in self.modules(model):
-            x = first_tensor(module(x, **kwargs))
-        return x
+        modules = self.modules(model)
+        h = x
+        for index, module in enumerate(modules):
+            if self.residual and index == len(modules) - 1:
+                h = first_tensor(module(h, x, **kwargs))
+            else:
+                h = first_tensor(module(h, **kwargs))
+        return h
 
     def parameters(self, model: nn.Module) -> list[nn.Parameter]:
         """Every parameter of the slice (deduplicated, in module order)."""
@@ -125,7 +147,14 @@ class Slice:
         return found
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "paths": list(self.paths)}
+        out: dict[str, Any] = {"name": self.name, "paths": list(self.paths)}
+        if self.residual:  # only then: older plans (cache manifests) keep their hash
+            out["residual"] = True
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Slice:
+        return cls(str(data["name"]), tuple(data["paths"]), bool(data.get("residual", False)))
 
 
 def _is_tensorized(module: nn.Module) -> bool:
@@ -154,9 +183,7 @@ class SlicePlan:
     _by_name: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.slices = [
-            s if isinstance(s, Slice) else Slice(s["name"], tuple(s["paths"])) for s in self.slices
-        ]
+        self.slices = [s if isinstance(s, Slice) else Slice.from_dict(s) for s in self.slices]
         self._by_name = {}
         for i, s in enumerate(self.slices):
             if s.name in self._by_name:
@@ -221,8 +248,7 @@ class SlicePlan:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SlicePlan:
         return cls(
-            [Slice(str(s["name"]), tuple(s["paths"])) for s in data["slices"]],
-            str(data.get("granularity", "explicit")),
+            [Slice.from_dict(s) for s in data["slices"]], str(data.get("granularity", "explicit"))
         )
 
     def validate(self, model: nn.Module) -> None:
@@ -238,6 +264,34 @@ def residual_blocks(model: nn.Module) -> list[str]:
     except ImportError:  # pragma: no cover - torchvision is a dependency
         return []
     return [n for n, m in model.named_modules() if n and isinstance(m, BasicBlock | Bottleneck)]
+
+
+def encoder_ffns(model: nn.Module) -> list[tuple[str, str]]:
+    """``(intermediate, output)`` paths of BERT / RoBERTa-style encoder feed-forward blocks.
+
+    Such a layer has an ``intermediate`` child (dense + activation) and an ``output`` child
+    whose forward takes ``(hidden_states, input_tensor)``: it projects back, adds the
+    residual (the intermediate's input) and normalises.
+    """
+    found = []
+    for name, module in model.named_modules():
+        intermediate = getattr(module, "intermediate", None)
+        output = getattr(module, "output", None)
+        if not isinstance(intermediate, nn.Module) or not isinstance(output, nn.Module):
+            continue
+        params = list(inspect.signature(output.forward).parameters)
+        if len(params) >= 2 and params[1] in ("input_tensor", "residual", "hidden_states_residual"):
+            prefix = f"{name}." if name else ""
+            found.append((f"{prefix}intermediate", f"{prefix}output"))
+    return found
+
+
+def matching_blocks(model: nn.Module, pattern: str) -> list[str]:
+    """Paths of the outermost modules matching ``pattern`` (factory pattern syntax)."""
+    from tnexp.factory import match_pattern
+
+    matched = [n for n, _ in model.named_modules() if n and match_pattern(n, pattern)]
+    return [n for n in matched if not any(_inside(n, o) and n != o for o in matched)]
 
 
 def transformer_mlps(model: nn.Module) -> list[str]:
@@ -312,25 +366,42 @@ def make_slice_plan(
 def _plan_from_string(model: nn.Module, granularity: str, layers: list[str]) -> SlicePlan:
     if granularity == "layer":
         return SlicePlan([Slice(n, (n,)) for n in layers], "layer")
+    if granularity.startswith("block:"):
+        pattern = granularity.split(":", 1)[1].strip()
+        blocks = matching_blocks(model, pattern) if pattern else []
+        if not blocks:
+            raise SlicePlanError(
+                f"granularity {granularity!r}: no module path matches {pattern!r} ('*' within "
+                "one dotted component, '**' across). Module paths look like "
+                f"{_short([n for n, _ in model.named_modules() if n])}."
+            )
+        slices = [Slice(b, (b,)) for b in blocks]
+        return _skip_empty(slices, layers, granularity, f"modules matching {pattern!r}")
     match = _GROUP.match(granularity)
     if granularity not in ("block", "decoder") and match is None:
         raise SlicePlanError(
-            f"unknown slice granularity {granularity!r}. Valid: 'layer', 'block', 'decoder', "
+            f"unknown slice granularity {granularity!r}. Valid: 'layer', 'block', "
+            "'block:<pattern>', 'decoder', "
             "'group:<k>' (k consecutive blocks, e.g. 'group:2'), or an explicit list of module "
             "paths / lists of paths."
         )
     if granularity == "block":
-        blocks = residual_blocks(model)
+        slices = [Slice(b, (b,)) for b in residual_blocks(model)]
         kind = "residual blocks"
-        if not blocks:
-            blocks, kind = transformer_mlps(model), "transformer MLPs"
-        if not blocks:
+        if not slices:
+            ffns = encoder_ffns(model)
+            slices = [Slice(f"{i.rpartition('.')[0]}.ffn", (i, o), residual=True) for i, o in ffns]
+            kind = "encoder feed-forward blocks"
+        if not slices:
+            slices, kind = [Slice(b, (b,)) for b in transformer_mlps(model)], "transformer MLPs"
+        if not slices:
             raise SlicePlanError(
-                "granularity 'block' found neither residual blocks (torchvision BasicBlock / "
-                "Bottleneck) nor transformer MLPs (modules named '*.mlp'). Use 'layer' or an "
-                "explicit list of module paths."
+                "granularity 'block' found no residual blocks (torchvision BasicBlock / "
+                "Bottleneck), encoder feed-forward blocks (intermediate + output) or "
+                "transformer MLPs (modules named '*.mlp'). Use 'layer', 'block:<pattern>' "
+                "(e.g. 'block:encoder.layer.*.attention') or an explicit list of module paths."
             )
-        return _skip_empty([Slice(b, (b,)) for b in blocks], layers, "block", kind)
+        return _skip_empty(slices, layers, "block", kind)
     if granularity == "decoder":
         blocks = decoder_layers(model)
         if not blocks:

@@ -17,7 +17,13 @@ from typing import Any
 from torch import nn
 
 from tnexp.errors import ConfigError
-from tnexp.models.hf import build_causal_lm, smoke_gpt2, tiny_gpt2
+from tnexp.models.hf import (
+    build_causal_lm,
+    build_hf_model,
+    smoke_gpt2,
+    tiny_gpt2,
+    tiny_hf_model,
+)
 from tnexp.models.resnet import cifar_resnet18, cifar_resnet34, small_resnet
 
 __all__ = ["MODEL_BUILDERS", "build_registered"]
@@ -35,6 +41,8 @@ MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "tnexp.models.hf.build_causal_lm": build_causal_lm,
     "tnexp.models.hf.tiny_gpt2": tiny_gpt2,
     "tnexp.models.hf.smoke_gpt2": smoke_gpt2,  # configs/debug/smoke/model/gpt2*.yaml
+    "tnexp.models.hf.build_hf_model": build_hf_model,
+    "tnexp.models.hf.tiny_hf_model": tiny_hf_model,
 }
 
 

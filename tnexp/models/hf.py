@@ -1,4 +1,5 @@
-"""Hugging Face causal LMs and their tokenizers, loaded the same way everywhere.
+"""Hugging Face models (causal LMs, encoders, any AutoModel head) and their tokenizers,
+loaded the same way everywhere.
 
 Names are resolved in one place (:func:`resolve_model_source`):
 
@@ -30,16 +31,20 @@ from tnexp.errors import ConfigError, InputFileError, TnexpError
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "HEADS",
     "SHORT_NAMES",
     "ModelNotAvailableError",
     "ModelSource",
     "PackagedGGUF",
     "build_causal_lm",
+    "build_hf_model",
+    "carries_weights",
     "context_length",
     "load_causal_lm",
     "load_tokenizer",
     "resolve_model_source",
     "tiny_gpt2",
+    "tiny_hf_model",
 ]
 
 _DTYPES = {
@@ -358,3 +363,108 @@ def smoke_gpt2(
         max_context=max_context,
         tokenizer=tokenizer,
     )
+
+
+# =========================================================================== any AutoModel
+# model=hf: which transformers Auto class loads the checkpoint. ``auto`` keeps the head the
+# checkpoint was saved with (config.architectures), ``none`` the bare model (AutoModel).
+HEADS: dict[str, str] = {
+    "none": "AutoModel",
+    "causal_lm": "AutoModelForCausalLM",
+    "masked_lm": "AutoModelForMaskedLM",
+    "sequence_classification": "AutoModelForSequenceClassification",
+    "token_classification": "AutoModelForTokenClassification",
+    "question_answering": "AutoModelForQuestionAnswering",
+    "image_classification": "AutoModelForImageClassification",
+}
+
+
+def _model_class(head: str, config: Any) -> Any:
+    """The class that loads ``config`` with ``head`` (see :data:`HEADS`)."""
+    import transformers
+
+    if head == "auto":
+        for name in getattr(config, "architectures", None) or []:
+            cls = getattr(transformers, str(name), None)  # transformers' own classes only
+            if isinstance(cls, type):
+                return cls
+        return transformers.AutoModel
+    if head not in HEADS:
+        raise ValueError(f"model.head must be 'auto' or one of {sorted(HEADS)}, got {head!r}.")
+    return getattr(transformers, HEADS[head])
+
+
+def build_hf_model(
+    name: str,
+    head: str = "auto",
+    dtype: str = "float32",
+    *,
+    num_labels: int | None = None,
+    gguf_file: str | None = None,
+    max_context: int | None = None,
+    tokenizer: str | None = None,
+    local_files_only: bool | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """Hydra ``_target_`` of ``model=hf``: any Hugging Face model, by hub id or local folder.
+
+    ``head`` picks the Auto class (:data:`HEADS`; ``auto``: the architecture the checkpoint
+    was saved with, so a saved ``BertModel`` stays a bare encoder and its module paths are
+    the model's own, e.g. ``encoder.layer.0.output.dense`` with no ``bert.`` prefix).
+    ``num_labels`` sizes a new classification head. Offline, the model comes from the
+    folder or the local HF cache (``HF_HUB_OFFLINE=1`` never contacts the hub).
+    """
+    from transformers import AutoConfig
+
+    del tokenizer  # read by the data config
+    if not name:
+        raise ConfigError(
+            "model=hf needs model.name: a hub id (e.g. bert-base-uncased, in the local HF "
+            "cache when offline) or a local folder written by save_pretrained."
+        )
+    source = resolve_model_source(name, gguf_file)
+    hub = _hub_kwargs(source, local_files_only, trust_remote_code)
+    extra = {} if num_labels is None else {"num_labels": int(num_labels)}
+    try:
+        config = AutoConfig.from_pretrained(source.location, **hub, **extra)
+        cls = _model_class(str(head), config)
+        model = cls.from_pretrained(
+            source.location, config=config, dtype=_torch_dtype(dtype), **hub
+        )
+    except OSError as err:
+        if source.is_local:
+            raise
+        raise _unavailable(source, "model", err) from None
+    _check_max_context(model, name, max_context)
+    return model.eval()
+
+
+def tiny_hf_model(
+    model_type: str,
+    head: str = "none",
+    *,
+    seed: int = 0,
+    max_context: int | None = None,
+    tokenizer: str | None = None,
+    **config: Any,
+) -> nn.Module:
+    """A randomly initialised Hugging Face model from config values (``BertConfig``,
+    ``ViTConfig``, ... by ``model_type``), for offline tests and smoke runs."""
+    import transformers
+    from transformers import AutoConfig
+
+    del tokenizer, max_context  # read by the data config
+    if head == "auto":
+        head = "none"
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {sorted(HEADS)}, got {head!r}.")
+    cfg = AutoConfig.for_model(model_type, **config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return getattr(transformers, HEADS[head]).from_config(cfg).eval()
+
+
+def carries_weights(model_cfg: Any) -> bool:
+    """Whether a model config builds a pretrained model (its own weights are the teacher)."""
+    target = str((model_cfg or {}).get("_target_", ""))
+    return target.rsplit(".", 1)[-1] in ("build_causal_lm", "build_hf_model", "tiny_hf_model")

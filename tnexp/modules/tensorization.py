@@ -21,7 +21,7 @@ from torch import nn
 
 from tnexp.features import FeatureCapture
 from tnexp.modules.guard import DivergenceGuard, NonFiniteLossError, TrainingDivergedError
-from tnexp.modules.losses import get_distillation_loss
+from tnexp.modules.losses import attention_mask, get_distillation_loss
 from tnexp.modules.optim import OptimizerConfig, build_optimizer, build_scheduler
 from tnexp.slicing import SlicePlan, first_tensor
 from tnexp.tn.mpo import MPOLinear
@@ -101,6 +101,8 @@ class TensorizationModule(L.LightningModule):
         object.__setattr__(self, "_teacher", teacher)
         if teacher is not None:
             teacher.eval().requires_grad_(False)
+            if hasattr(task, "bind_teacher"):  # a task measured against the teacher
+                task.bind_teacher(teacher)
         if any(p.method == "local" for p in self.schedule):
             if teacher is None or plan is None:
                 raise ValueError("a local phase needs a teacher and a slice plan.")
@@ -278,11 +280,13 @@ class TensorizationModule(L.LightningModule):
 
     def _local_step(self, batch: Any) -> torch.Tensor:
         assert self.plan is not None
+        mask = None  # cached features carry no attention mask: every position counts
         if _is_cached_batch(batch):
             features, _ = batch
             pairs = {name: (inp, out, {}) for name, (inp, out) in features.items()}
         else:
             inputs = self.task.model_inputs(batch)
+            mask = attention_mask(inputs)  # padded tokens are left out of the slice losses
             teacher = self._timed_capture(self._teacher_capture, inputs)
             pairs = {name: (f.input, f.output, f.kwargs) for name, f in teacher.items()}
             if self._student_capture is not None:
@@ -298,7 +302,7 @@ class TensorizationModule(L.LightningModule):
             prediction = s.forward(self.student, inp.to(dtype), **kwargs)
             # Each slice's graph is disjoint from the others', so the summed loss gives each
             # slice exactly the gradient it would get if it were trained alone.
-            loss = self._distill(prediction, target.to(prediction.dtype))
+            loss = self._distill(prediction, target.to(prediction.dtype), mask)
             if not torch.isfinite(loss).all():  # name the slice that went bad
                 self._check_loss(loss, f"slice {s.name!r} loss")
             losses[s.name] = loss

@@ -19,12 +19,14 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_model
 
+from tnexp import tasks
 from tnexp.config import plain
 from tnexp.errors import ConfigError, InputFileError
 from tnexp.factory import TensorizeReport
+from tnexp.models.hf import carries_weights
 from tnexp.slicing import SlicePlan, make_slice_plan
 from tnexp.stages.student import build_student
-from tnexp.tasks import CausalLMTask, ClassificationTask
+from tnexp.tasks import Task
 
 __all__ = [
     "TEACHER_FILE",
@@ -42,8 +44,6 @@ __all__ = [
 ]
 
 TEACHER_FILE = "teacher.safetensors"
-# The task of a stage (tnexp/tasks.py); a Task protocol replaces this union later.
-Task = ClassificationTask | CausalLMTask
 
 
 @dataclass
@@ -103,13 +103,8 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
 
 
 def build_task(cfg: DictConfig) -> Task:
-    """The task of ``data.info.task``: classification or causal language modelling."""
-    kind = cfg.data.info.get("task", "classification")
-    if kind == "classification":
-        return ClassificationTask(cfg.data.info.num_classes)
-    if kind == "causal_lm":
-        return CausalLMTask()
-    raise ConfigError(f"data.info.task must be 'classification' or 'causal_lm', got {kind!r}.")
+    """The task of the run: ``task=auto`` (``data.info.task``) or ``task=features``."""
+    return tasks.build_task(cfg)
 
 
 def build_model(cfg: DictConfig) -> torch.nn.Module:
@@ -119,7 +114,7 @@ def build_model(cfg: DictConfig) -> torch.nn.Module:
 
 
 def is_language_model(cfg: DictConfig) -> bool:
-    return cfg.data.info.get("task", "classification") == "causal_lm"
+    return tasks.task_kind(cfg) == "causal_lm"
 
 
 def resolve_teacher_path(path: str | None) -> Path:
@@ -142,7 +137,7 @@ def resolve_teacher_path(path: str | None) -> Path:
 
 def load_teacher(cfg: DictConfig) -> torch.nn.Module:
     """The pretrained dense model: a pretrain run's safetensors, or an LM's own weights."""
-    if not cfg.teacher.path and is_language_model(cfg):
+    if not cfg.teacher.path and (is_language_model(cfg) or carries_weights(cfg.model)):
         return build_model(cfg).eval()  # hub / GGUF weights are the teacher
     path = resolve_teacher_path(cfg.teacher.path)
     model = build_model(cfg)

@@ -160,6 +160,8 @@ def build_student(
 ) -> tuple[torch.nn.Module, TensorizeReport]:
     """Tensorize ``teacher`` as ``cfg.tensorize`` says, with calibration when it needs it."""
     spec = spec or tensorize_spec(cfg)
+    if hasattr(task, "bind_teacher"):  # task=features: the student is measured against it
+        task.bind_teacher(teacher)
     stats = calibration_stats(cfg, teacher, spec, datamodule, task)
     student, report = tensorize(teacher, spec, stats=stats, progress=progress)
     if stats is not None and (cfg.tensorize.get("calibration") or {}).get("compensate"):

@@ -129,6 +129,31 @@ class ContractionPlanner:
         ].opt_cost
         return result
 
+    def memory_elements(self, tokens: int, order: str, *, grad: bool = True) -> int:
+        """Elements the intermediates of ``order`` hold for ``tokens`` input rows.
+
+        With ``grad`` autograd keeps every intermediate for the backward pass (their sum);
+        without, only the largest one is alive at a time.
+        """
+        in_dim, out_dim = math.prod(self.in_factors), math.prod(self.out_factors)
+        if order == "dense":
+            return in_dim * out_dim + tokens * out_dim
+        shapes = [(tokens, *self.in_factors), *self._core_shapes]
+        optimize = (
+            self._explicit_path(order)
+            if order in ("left_to_right", "right_to_left")
+            else ("optimal" if self.num_sites <= 4 else "dp")
+        )
+        info = opt_einsum.contract_path(
+            self._input_equation(), *shapes, shapes=True, optimize=optimize
+        )[1]
+        return int(sum(info.size_list)) if grad else int(info.largest_intermediate)
+
+    def auto_order(self, tokens: int) -> str:
+        """The order ``auto`` runs for ``tokens`` input rows (fewest FLOPs)."""
+        costs = self.costs(tokens)
+        return min(costs, key=costs.__getitem__)
+
     def plan(self, tokens: int, order: str) -> tuple[str, object]:
         """Return ``(resolved_order, expression_or_None)`` for this token count."""
         key = (tokens, order)
@@ -204,6 +229,10 @@ class MPOLinear(nn.Module):
         self.register_buffer("merged_weight", None, persistent=False)
         self._planner = ContractionPlanner(self.in_factors, self.out_factors, self.bonds)
         self.last_order: str | None = None
+        # Bytes a forced contraction order may use for its intermediates (None: the free
+        # memory of the input's device, measured when a new input size is first planned).
+        self.memory_budget: int | None = None
+        self._memory_checked: set[tuple[int, str, bool]] = set()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -367,6 +396,8 @@ class MPOLinear(nn.Module):
             self.last_order = "merged"
             return out.reshape(*lead, self.out_features)
         order = order or self.contraction
+        if order != "auto":
+            self._check_memory(flat, order)
         resolved, expr = self._planner.plan(flat.shape[0], order)
         self.last_order = resolved
         if resolved == "dense":
@@ -377,6 +408,30 @@ class MPOLinear(nn.Module):
             if self.bias is not None:
                 out = out + self.bias
         return out.reshape(*lead, self.out_features)
+
+    def _check_memory(self, flat: torch.Tensor, order: str) -> None:
+        """Refuse a forced order whose intermediates would not fit (once per input size)."""
+        grad = torch.is_grad_enabled() and any(c.requires_grad for c in self.cores)
+        key = (flat.shape[0], order, grad)
+        if key in self._memory_checked:
+            return
+        budget = self.memory_budget if self.memory_budget is not None else free_memory(flat)
+        tokens, itemsize = flat.shape[0], flat.element_size()
+        need = self._planner.memory_elements(tokens, order, grad=grad) * itemsize
+        if budget is not None and need > budget:
+            auto = self._planner.auto_order(tokens)
+            auto_need = self._planner.memory_elements(tokens, auto, grad=grad) * itemsize
+            raise TensorizationError(
+                f"contraction order {order!r} for {tokens} input rows of this MPO layer "
+                f"({self.in_features}->{self.out_features}, bonds {self.bonds}) needs about "
+                f"{_gib(need)} for its intermediates{' (kept for backward)' if grad else ''}, "
+                f"but only {_gib(budget)} is free on {flat.device}. The auto order here is "
+                f"{auto!r} (about {_gib(auto_need)}): set contraction: auto, or use fewer "
+                "tokens per batch."
+            )
+        if len(self._memory_checked) > 256:  # sequence lengths vary; keep it bounded
+            self._memory_checked.clear()
+        self._memory_checked.add(key)
 
     def _gemm(self, flat: torch.Tensor, weight_in_out: torch.Tensor) -> torch.Tensor:
         if self.bias is None:
@@ -389,6 +444,27 @@ class MPOLinear(nn.Module):
             f"out={self.out_features} ({'x'.join(map(str, self.out_factors))}), "
             f"bonds={self.bonds}, bias={self.bias is not None}, contraction={self.contraction}"
         )
+
+
+def free_memory(x: torch.Tensor) -> int | None:
+    """Free bytes on ``x``'s device (CUDA: the allocator's view; CPU: available RAM)."""
+    try:
+        if x.device.type == "cuda":
+            free = torch.cuda.mem_get_info(x.device)[0]
+            # Memory PyTorch's allocator holds but does not use is free for this too.
+            cached = torch.cuda.memory_reserved(x.device) - torch.cuda.memory_allocated(x.device)
+            return int(free + cached)
+        if x.device.type == "cpu":
+            import psutil
+
+            return int(psutil.virtual_memory().available)
+    except (ImportError, RuntimeError):  # no estimate: do not guess
+        return None
+    return None
+
+
+def _gib(num_bytes: float) -> str:
+    return f"{num_bytes / 2**30:.2f} GiB"
 
 
 def site_major(
@@ -412,10 +488,14 @@ def mpo_svd(
     out_factors: Sequence[int],
     bonds: Sequence[int],
 ) -> list[torch.Tensor]:
-    """Paper algorithm 1: sequential truncated SVDs, left to right, in float64.
+    """Paper algorithm 1: sequential truncated SVDs, left to right.
 
     Returns cores of shape ``(D_{k-1}, i_k, o_k, D_k)``; the singular values are carried
-    to the right, so the last core holds the scale (as in the paper).
+    to the right, so the last core holds the scale (as in the paper). Unfoldings are split
+    in float64 through their Gram matrix when one side is at least 1.5x the other, else by
+    an SVD in the weight's own precision (float32 for a float32 checkpoint: the factors
+    are stored in that precision anyway, and the truncation error agrees to ~1e-6
+    relative; docs/benchmarks.md, "MPO SVD init").
     """
     in_factors, out_factors = list(in_factors), list(out_factors)
     dtype = weight_in_out.dtype
@@ -424,14 +504,39 @@ def mpo_svd(
     left = 1
     for k, bond in enumerate(bonds):
         site = in_factors[k] * out_factors[k]
-        mat = rest.reshape(left * site, -1)
-        u, s, vh = torch.linalg.svd(mat, full_matrices=False)
-        u, s, vh = u[:, :bond], s[:bond], vh[:bond]
+        u, rest = _truncated_split(rest.reshape(left * site, -1), bond, svd_dtype=dtype)
         cores.append(u.reshape(left, in_factors[k], out_factors[k], bond))
-        rest = s[:, None] * vh
         left = bond
     cores.append(rest.reshape(left, in_factors[-1], out_factors[-1], 1))
     return [c.to(dtype).contiguous() for c in cores]
+
+
+def _truncated_split(
+    mat: torch.Tensor, rank: int, *, svd_dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mat ~ U @ rest`` with orthonormal ``U`` (m x rank): the rank-``rank`` truncated SVD.
+
+    When ``rank`` truncates a rectangular unfolding, the leading subspace comes from the
+    eigenvectors of the smaller Gram matrix (a GEMM plus a symmetric eigensolver, in
+    float64: about 3x faster than its SVD, with the same error); ``rest = U^T mat`` carries
+    the singular values to the right as the SVD does (up to a rotation within the bond,
+    which leaves the product unchanged). Square-ish unfoldings use an SVD in ``svd_dtype``.
+    """
+    m, n = mat.shape
+    if rank >= min(m, n) or 2 * max(m, n) < 3 * min(m, n):
+        # Nothing truncated (the exact factorisation), or a square-ish unfolding, where the
+        # Gram matrix saves little: an SVD in ``svd_dtype``.
+        u, s, vh = torch.linalg.svd(mat.to(svd_dtype), full_matrices=False)
+        u, rest = u[:, :rank], s[:rank, None] * vh[:rank]
+        return u.to(mat.dtype), rest.to(mat.dtype)
+    if m <= n:
+        _, vecs = torch.linalg.eigh(mat @ mat.T)  # ascending eigenvalues
+        u = vecs[:, -rank:].flip(-1)
+        return u, u.T @ mat
+    _, vecs = torch.linalg.eigh(mat.T @ mat)
+    v = vecs[:, -rank:].flip(-1)
+    q, r = torch.linalg.qr(mat @ v)  # an orthonormal basis of the same leading subspace
+    return q, r @ v.T
 
 
 @torch.no_grad()
