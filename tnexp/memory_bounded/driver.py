@@ -7,14 +7,13 @@ import ctypes
 import dataclasses
 import fnmatch
 import gc
-import hashlib
-import json
 import logging
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,6 @@ from tnexp.factory import (
     tensorize,
 )
 from tnexp.features import to_device
-from tnexp.integrity import atomic_write_json
 from tnexp.memory_bounded.blocks import (
     StageShell,
     attach_module,
@@ -44,7 +42,6 @@ from tnexp.memory_bounded.blocks import (
 )
 from tnexp.memory_bounded.config import (
     HOST,
-    MANIFEST,
     BlockwiseConfig,
     BlockwiseError,
     BlockwiseResult,
@@ -52,6 +49,7 @@ from tnexp.memory_bounded.config import (
     StageStats,
 )
 from tnexp.memory_bounded.replay import batch_counts, batch_len, has_tensor, replay_schedule
+from tnexp.memory_bounded.resume import StageManifest, setup_fingerprint
 from tnexp.memory_bounded.spill import DiskStore, MemoryStore
 from tnexp.memory_bounded.teacher import PrefixProbe, TeacherBlocks, verify_chain
 from tnexp.memory_bounded.train import StageData, train_stage
@@ -108,8 +106,76 @@ def _stage_spec(spec: TensorizeSpec, shell: nn.Module, per_layer_cr: float | Non
     )
 
 
-def _fingerprint(data: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+@dataclass
+class _Layout:
+    """The student's structure, fixed before any training: slices, stages, layer sizes."""
+
+    plan: SlicePlan
+    stages: list[Stage]
+    spec: TensorizeSpec | Mapping[str, Any] | None
+    per_layer_cr: float | None
+    tensorized_names: list[str]
+    student: nn.Module | None = None  # offload=cpu: the whole student, tensorized up front
+    report: TensorizeReport | None = None  # offload=cpu: its report
+    weights: WeightsFile | None = None  # offload=disk: the teacher's safetensors
+
+
+def _student_layout(
+    teacher: nn.Module,
+    spec: TensorizeSpec | Mapping[str, Any] | None,
+    student: tuple[nn.Module, TensorizeReport] | None,
+    teacher_weights: str | Path | None,
+    config: BlockwiseConfig,
+    granularity: Any,
+    slices: Sequence[int | str] | None,
+) -> _Layout:
+    """Plan slices and stages: on the tensorized student (cpu), or on the teacher's skeleton
+    with parameter-free stand-ins of the layers the factory will build (disk)."""
+
+    def planned_stages(model: nn.Module) -> tuple[SlicePlan, list[Stage]]:
+        plan = make_slice_plan(model, granularity)
+        if slices is not None:
+            plan = plan.select(list(slices))
+        return plan, plan_stages(model, plan)
+
+    if config.offload == "cpu":
+        if on_meta(teacher):
+            raise BlockwiseError(
+                "offload=cpu needs the teacher's weights in host memory, but some of its "
+                "parameters are on the meta device; use offload=disk with teacher_weights."
+            )
+        if student is None:
+            if spec is None:
+                raise BlockwiseError("pass a tensorization spec (or a tensorized student).")
+            student = tensorize(teacher, spec)
+        student_model, report = student
+        student_model.eval()
+        plan, stages = planned_stages(student_model)
+        names = [layer.name for layer in report.layers]
+        return _Layout(plan, stages, spec, report.per_layer_cr, names, student_model, report)
+    if student is not None:
+        raise BlockwiseError(
+            "offload=disk tensorizes each block when it is loaded; do not pass a student."
+        )
+    if spec is None:
+        raise BlockwiseError("offload=disk needs the tensorization spec.")
+    if teacher_weights is None:
+        raise BlockwiseError(
+            "offload=disk reads the teacher block by block from a safetensors file: pass "
+            "teacher_weights (method.memory_bounded.teacher_weights), written once with "
+            "tnexp.memory_bounded.export_teacher_weights or by `tnexp method=pretrain`."
+        )
+    spec = TensorizeSpec.from_config(spec)
+    weights = WeightsFile(teacher_weights)
+    retie(teacher)
+    planned = plan_layers(teacher, spec)
+    per_layer_cr = (
+        solve_overall_cr(teacher, planned, spec.overall_cr) if spec.overall_cr is not None else None
+    )
+    with swapped(teacher, {item.name: placeholder_layer(item) for item in planned}):
+        plan, stages = planned_stages(teacher)
+    names = [item.name for item in planned]
+    return _Layout(plan, stages, spec, per_layer_cr, names, weights=weights)
 
 
 def distill_blockwise(
@@ -160,60 +226,12 @@ def distill_blockwise(
     teacher.eval().requires_grad_(False)
     teacher_params = count_parameters(teacher)
 
-    # ---------------------------------------------------------------- student structure
-    weights: WeightsFile | None = None
+    layout = _student_layout(teacher, spec, student, teacher_weights, config, granularity, slices)
+    plan, stages, spec, weights = layout.plan, layout.stages, layout.spec, layout.weights
+    student_model, report = layout.student, layout.report
+    per_layer_cr, tensorized_names = layout.per_layer_cr, layout.tensorized_names
     rest: dict[str, nn.Module] = {}  # tensorized layers outside the blocks (disk mode)
     layer_reports: dict[str, Any] = {}
-
-    def planned_stages(model: nn.Module) -> tuple[SlicePlan, list[Stage]]:
-        plan = make_slice_plan(model, granularity)
-        if slices is not None:
-            plan = plan.select(list(slices))
-        return plan, plan_stages(model, plan)
-
-    if config.offload == "cpu":
-        if on_meta(teacher):
-            raise BlockwiseError(
-                "offload=cpu needs the teacher's weights in host memory, but some of its "
-                "parameters are on the meta device; use offload=disk with teacher_weights."
-            )
-        if student is None:
-            if spec is None:
-                raise BlockwiseError("pass a tensorization spec (or a tensorized student).")
-            student = tensorize(teacher, spec)
-        student_model, report = student
-        student_model.eval()
-        plan, stages = planned_stages(student_model)
-        per_layer_cr = report.per_layer_cr
-        tensorized_names = [layer.name for layer in report.layers]
-    else:
-        if student is not None:
-            raise BlockwiseError(
-                "offload=disk tensorizes each block when it is loaded; do not pass a student."
-            )
-        if spec is None:
-            raise BlockwiseError("offload=disk needs the tensorization spec.")
-        if teacher_weights is None:
-            raise BlockwiseError(
-                "offload=disk reads the teacher block by block from a safetensors file: pass "
-                "teacher_weights (method.memory_bounded.teacher_weights), written once with "
-                "tnexp.memory_bounded.export_teacher_weights or by `tnexp method=pretrain`."
-            )
-        spec = TensorizeSpec.from_config(spec)
-        weights = WeightsFile(teacher_weights)
-        retie(teacher)
-        planned = plan_layers(teacher, spec)
-        per_layer_cr = (
-            solve_overall_cr(teacher, planned, spec.overall_cr)
-            if spec.overall_cr is not None
-            else None
-        )
-        tensorized_names = [item.name for item in planned]
-        student_model = None
-        report = None
-        # Plan the slices on parameter-free stand-ins of the layers the factory will build.
-        with swapped(teacher, {item.name: placeholder_layer(item) for item in planned}):
-            plan, stages = planned_stages(teacher)
     block_paths = [b for s in stages for b in s.blocks]
     outside = [n for n in tensorized_names if not any(inside(n, b) for b in block_paths)]
     last_trained = max(s.index for s in stages if s.slices)
@@ -309,37 +327,24 @@ def distill_blockwise(
         # ---------------------------------------------------------------- resume bookkeeping
         stage_dir = work_dir / "stages"
         stage_dir.mkdir(exist_ok=True)
-        fingerprint = _fingerprint(
-            {
-                "plan": plan.to_dict(),
-                "stages": [s.to_dict() for s in stages],
-                "local": dataclasses.asdict(local),
-                "schedule": [[b.tolist() for b in e] for e in schedule],
-                "tensorize": (spec.to_dict() if isinstance(spec, TensorizeSpec) else None)
-                or (report.to_dict() if report is not None else None),
-                "offload": config.offload,
-                "precision": config.precision,
-                "clip": [config.gradient_clip_val, config.gradient_clip_algorithm],
-                "identity": dict(identity or {}),
-            }
+        manifest = StageManifest(
+            work_dir,
+            setup_fingerprint(
+                {
+                    "plan": plan.to_dict(),
+                    "stages": [s.to_dict() for s in stages],
+                    "local": dataclasses.asdict(local),
+                    "schedule": [[b.tolist() for b in e] for e in schedule],
+                    "tensorize": (spec.to_dict() if isinstance(spec, TensorizeSpec) else None)
+                    or (report.to_dict() if report is not None else None),
+                    "offload": config.offload,
+                    "precision": config.precision,
+                    "clip": [config.gradient_clip_val, config.gradient_clip_algorithm],
+                    "identity": dict(identity or {}),
+                }
+            ),
+            config.resume,
         )
-        manifest_path = work_dir / MANIFEST
-        manifest = {"fingerprint": fingerprint, "stages": {}}
-        if manifest_path.is_file():
-            old = json.loads(manifest_path.read_text())
-            if config.resume and old.get("fingerprint") == fingerprint:
-                manifest = old
-            elif config.resume and old.get("stages"):
-                raise BlockwiseError(
-                    f"{work_dir} holds trained stages of another setup (data, plan, schedule or "
-                    "tensorization differ), so they cannot be resumed; use another work_dir or "
-                    "delete it."
-                )
-
-        def save_manifest() -> None:
-            atomic_write_json(manifest_path, manifest)
-
-        save_manifest()
 
         # ---------------------------------------------------------------- per stage
         timer = OptimizationTimer(monitor="blockwise", mode="min")
@@ -372,7 +377,7 @@ def distill_blockwise(
                 s_shell = t_shell  # a dense block: the student's is the teacher's
             s_shell.eval()
             file = stage_dir / f"{stage.index:04d}-{_slug(stage.name)}.safetensors"
-            done = manifest["stages"].get(stage.name)
+            done = manifest.done(stage.name)
             if stage.slices and done and file.is_file() and config.resume:
                 materialize(s_shell, WeightsFile(file), device)
                 stat.resumed, stat.losses, stat.steps = True, done["losses"], done["steps"]
@@ -399,12 +404,7 @@ def distill_blockwise(
                 stat.file = str(file)
                 stage_files[stage.index] = file
                 if stage.slices and not stat.resumed:
-                    manifest["stages"][stage.name] = {
-                        "file": file.name,
-                        "losses": stat.losses,
-                        "steps": stat.steps,
-                    }
-                    save_manifest()
+                    manifest.record(stat, file)
             if stage.index < last_trained:
                 streams = _propagate(
                     stage,

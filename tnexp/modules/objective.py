@@ -93,6 +93,7 @@ class LocalObjective:
     ) -> None:
         if trainable not in TRAINABLE:
             raise ValueError(f"local.trainable must be one of {TRAINABLE}, got {trainable!r}.")
+        self.plan = plan
         self.slices = list(plan)
         self.loss = get_distillation_loss(loss) if isinstance(loss, str) else loss
         self.trainable = trainable

@@ -104,13 +104,7 @@ class TensorizationModule(L.LightningModule):
             teacher.eval().requires_grad_(False)
         if any(p.method == "local" for p in self.schedule) and (teacher is None or plan is None):
             raise ValueError("a local phase needs a teacher and a slice plan.")
-        self.objective = (
-            LocalObjective(
-                plan, self.local_cfg.loss, trainable=self.local_cfg.trainable, guard=self.guard
-            )
-            if plan is not None
-            else None
-        )
+        self._objective: LocalObjective | None = None
         self.feature_capture_seconds = 0.0
         self.val_metrics = task.make_metrics()
         self._teacher_capture: FeatureCapture | None = None
@@ -121,6 +115,17 @@ class TensorizationModule(L.LightningModule):
     @property
     def teacher(self) -> nn.Module | None:
         return self._teacher
+
+    @property
+    def objective(self) -> LocalObjective:
+        """The local objective over the current ``plan`` (slice jobs narrow it after init)."""
+        if self.plan is None:
+            raise ValueError("this module has no slice plan, hence no local objective.")
+        if self._objective is None or self._objective.plan is not self.plan:
+            self._objective = LocalObjective(
+                self.plan, self.local_cfg.loss, trainable=self.local_cfg.trainable, guard=self.guard
+            )
+        return self._objective
 
     def phase_at(self, epoch: int) -> Phase:
         start = 0
@@ -140,7 +145,6 @@ class TensorizationModule(L.LightningModule):
     # ------------------------------------------------------------------ parameters
     def local_parameters(self) -> list[nn.Parameter]:
         """Parameters trained by the local phase: those of the selected slices."""
-        assert self.objective is not None
         return self.objective.parameters(self.student)
 
     def configure_optimizers(self):
@@ -272,7 +276,6 @@ class TensorizationModule(L.LightningModule):
         return features
 
     def _local_step(self, batch: Any) -> torch.Tensor:
-        assert self.objective is not None
         if _is_cached_batch(batch):
             pairs = cached_pairs(batch[0])
         else:
