@@ -208,7 +208,7 @@ def build_skeleton(model_cfg: Mapping[str, Any]) -> nn.Module:
     if cfg.get("_target_") == "tnexp.models.hf.build_causal_lm":
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from tnexp.models.hf import _torch_dtype, resolve_model_source
+        from tnexp.models.hf import resolve_model_source, torch_dtype
 
         source = resolve_model_source(cfg["name"], cfg.get("gguf_file"))
         kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
@@ -220,7 +220,7 @@ def build_skeleton(model_cfg: Mapping[str, Any]) -> nn.Module:
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config)
         retie(model)
-        dtype = _torch_dtype(cfg.get("dtype", "float32"))
+        dtype = torch_dtype(cfg.get("dtype", "float32"))
         if isinstance(dtype, torch.dtype):
             model.to(dtype)
         return model.eval()

@@ -40,6 +40,7 @@ __all__ = [
     "load_tokenizer",
     "resolve_model_source",
     "tiny_gpt2",
+    "torch_dtype",
 ]
 
 _DTYPES = {
@@ -151,7 +152,8 @@ def _hub_kwargs(
     return kwargs
 
 
-def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
+    """The torch dtype of a config's ``dtype`` name (``"auto"`` is passed through)."""
     if isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
     try:
@@ -193,7 +195,7 @@ def load_causal_lm(
     hub = _hub_kwargs(source, local_files_only, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source.location, dtype=_torch_dtype(dtype), **hub, **kwargs
+            source.location, dtype=torch_dtype(dtype), **hub, **kwargs
         )
     except OSError as err:
         if source.is_local:
