@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from tnexp.callbacks import OptimizationTimer
 from tnexp.factory import (
     TensorizeReport,
     TensorizeSpec,
@@ -52,7 +53,7 @@ from tnexp.memory_bounded.replay import batch_counts, batch_len, has_tensor, rep
 from tnexp.memory_bounded.resume import StageManifest, setup_fingerprint
 from tnexp.memory_bounded.spill import DiskStore, MemoryStore
 from tnexp.memory_bounded.teacher import PrefixProbe, TeacherBlocks, verify_chain
-from tnexp.memory_bounded.train import StageData, train_stage
+from tnexp.memory_bounded.train import RunLog, StageData, train_stage
 from tnexp.memory_bounded.weights import (
     WeightsFile,
     materialize,
@@ -213,8 +214,6 @@ def distill_blockwise(
         loggers: Lightning loggers (CSV, W&B) to receive the per-step losses.
         identity: extra values identifying the run for ``resume`` (data, seed, model).
     """
-    from tnexp.callbacks import OptimizationTimer
-
     config = config or BlockwiseConfig()
     local = local or LocalConfig()
     device = _resolve_device(config.device)
@@ -354,7 +353,7 @@ def distill_blockwise(
         stats: list[StageStats] = []
         student_blocks: dict[str, nn.Module] = {}  # disk mode: trained blocks, weights on disk
         stage_files: dict[int, Path] = {}
-        logged_steps = 0
+        run_log = RunLog(timer, loggers)
         for stage in stages:
             stat = StageStats(stage)
             stats.append(stat)
@@ -386,19 +385,7 @@ def distill_blockwise(
                 data = StageData(
                     streams, row_of, schedule, kwargs_for, raw_batch if dynamic else None
                 )
-                logged_steps = train_stage(
-                    stage,
-                    t_shell,
-                    s_shell,
-                    data,
-                    local,
-                    device,
-                    config,
-                    timer,
-                    stat,
-                    loggers,
-                    logged_steps,
-                )
+                train_stage(stage, t_shell, s_shell, data, local, device, config, stat, run_log)
             if stage.slices or disk_student:
                 _save_stage(s_shell, file)
                 stat.file = str(file)

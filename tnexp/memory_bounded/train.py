@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from tnexp.callbacks import OptimizationTimer
 from tnexp.features import FeatureCapture, to_device
 from tnexp.memory_bounded.config import BlockwiseConfig, Stage, StageStats
 from tnexp.modules.guard import DivergenceGuard
@@ -18,7 +20,16 @@ from tnexp.modules.optim import build_optimizer, build_scheduler
 from tnexp.modules.tensorization import LocalConfig
 from tnexp.slicing import SlicePlan
 
-__all__ = ["StageData", "train_stage"]
+__all__ = ["RunLog", "StageData", "train_stage"]
+
+
+@dataclass
+class RunLog:
+    """What outlives one stage: the run's timer, its loggers and the logged-step count."""
+
+    timer: OptimizationTimer
+    loggers: Sequence[Any] = ()
+    steps: int = 0  # over all stages: the x axis of the logged losses
 
 
 class StageData:
@@ -47,12 +58,10 @@ def train_stage(
     local: LocalConfig,
     device: torch.device,
     config: BlockwiseConfig,
-    timer: Any,
     stat: StageStats,
-    loggers: Sequence[Any],
-    logged_steps: int,
-) -> int:
-    """Train the slices of one stage over the replayed schedule; returns the logged steps."""
+    run_log: RunLog,
+) -> None:
+    """Train the slices of one stage over the replayed schedule (fills ``stat``)."""
     from tqdm.auto import tqdm
 
     autocast_dtype = config.autocast_dtype
@@ -81,6 +90,7 @@ def train_stage(
         disable=not config.progress,
         leave=False,
     )
+    timer, loggers = run_log.timer, run_log.loggers
     step = 0
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
     try:
@@ -127,15 +137,15 @@ def train_stage(
                 for n, v in losses.values().items():
                     sums[n] += v
                 step += 1
-                logged_steps += 1
+                run_log.steps += 1
                 total = float(losses.total.detach())
                 bar.update(1)
                 bar.set_postfix(loss=f"{total:.4g}")
-                if loggers and (logged_steps % max(1, config.log_every_n_steps) == 0):
+                if loggers and (run_log.steps % max(1, config.log_every_n_steps) == 0):
                     metrics = {k: float(v.detach()) for k, v in losses.metrics().items()}
                     metrics["train/stage"] = stage.index
                     for logger in loggers:
-                        logger.log_metrics(metrics, step=logged_steps)
+                        logger.log_metrics(metrics, step=run_log.steps)
             if batches:
                 stat.losses = {n: v / len(batches) for n, v in sums.items()}
     finally:
@@ -146,4 +156,3 @@ def train_stage(
         for p in s_shell.parameters():
             p.requires_grad_(False)
     stat.steps = step
-    return logged_steps
