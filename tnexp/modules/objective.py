@@ -20,9 +20,16 @@ from tnexp.modules.guard import DivergenceGuard, NonFiniteLossError
 from tnexp.modules.losses import get_distillation_loss
 from tnexp.slicing import Slice, SlicePlan
 
-__all__ = ["FeaturePair", "LocalLosses", "LocalObjective", "cached_pairs", "feature_pairs"]
+__all__ = [
+    "TRAINABLE",
+    "FeaturePair",
+    "LocalLosses",
+    "LocalObjective",
+    "cached_pairs",
+    "feature_pairs",
+]
 
-TRAINABLE = ("slice", "tensorized")
+TRAINABLE = ("slice", "tensorized")  # every parameter of a slice | its tensor-network cores
 
 
 @dataclass

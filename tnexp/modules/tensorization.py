@@ -22,7 +22,7 @@ from torch import nn
 from tnexp.features import FeatureCapture
 from tnexp.modules.guard import DivergenceGuard, NonFiniteLossError, TrainingDivergedError
 from tnexp.modules.losses import get_distillation_loss
-from tnexp.modules.objective import LocalObjective, cached_pairs, feature_pairs
+from tnexp.modules.objective import TRAINABLE, LocalObjective, cached_pairs, feature_pairs
 from tnexp.modules.optim import OptimizerConfig, build_optimizer, build_scheduler
 from tnexp.slicing import SlicePlan, first_tensor
 from tnexp.tn.mpo import MPOLinear
@@ -52,7 +52,7 @@ class LocalConfig:
             raise ValueError(
                 f"local.input_source must be 'teacher' or 'student', got {self.input_source!r}."
             )
-        if self.trainable not in ("slice", "tensorized"):
+        if self.trainable not in TRAINABLE:
             raise ValueError(
                 f"local.trainable must be 'slice' or 'tensorized', got {self.trainable!r}."
             )
