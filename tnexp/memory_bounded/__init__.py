@@ -38,7 +38,8 @@ carries that through training; the tests allow 1e-4.
 Rooms: ``config`` (settings, stages, result), ``blocks`` (stage planning, module
 surgery), ``weights`` (safetensors I/O, meta skeletons), ``teacher`` (paging, prefix probe,
 chain check), ``spill`` (activation stores), ``replay`` (batch schedule), ``train`` (one
-stage's training loop), ``driver`` (:func:`distill_blockwise`), ``stage`` (the Hydra stage).
+stage's training loop), ``resume`` (trained stages of this setup), ``driver``
+(:func:`distill_blockwise`), ``stage`` (the Hydra stage).
 """
 
 from tnexp.memory_bounded.blocks import plan_stages

@@ -1,4 +1,4 @@
-"""The block-by-block driver: prefix pass, stage after stage, resume bookkeeping, assembly."""
+"""The block-by-block driver: student layout, prefix pass, stage after stage, assembly."""
 
 from __future__ import annotations
 
