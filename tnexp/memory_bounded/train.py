@@ -32,22 +32,15 @@ class RunLog:
     steps: int = 0  # over all stages: the x axis of the logged losses
 
 
+@dataclass
 class StageData:
     """Where a stage's training batches come from: stored block inputs, replayed kwargs."""
 
-    def __init__(
-        self,
-        streams: dict[str, Any],
-        row_of: torch.Tensor,
-        schedule: list[list[torch.Tensor]],
-        kwargs_for: Callable[[Any], dict[str, Any]],
-        raw_batch: Callable[[torch.Tensor], Any] | None,
-    ) -> None:
-        self.streams = streams  # "teacher" (and "student") spill stores of this stage
-        self.row_of = row_of  # dataset index -> row in the stores
-        self.schedule = schedule  # per epoch, the sample indices of every batch
-        self.kwargs_for = kwargs_for  # extra block arguments of a raw batch
-        self.raw_batch = raw_batch  # None when the extra arguments are the same every batch
+    streams: dict[str, Any]  # "teacher" (and "student") spill stores of this stage
+    row_of: torch.Tensor  # dataset index -> row in the stores
+    schedule: list[list[torch.Tensor]]  # per epoch, the sample indices of every batch
+    kwargs_for: Callable[[Any], dict[str, Any]]  # extra block arguments of a raw batch
+    raw_batch: Callable[[torch.Tensor], Any] | None  # None: the same extra arguments always
 
 
 def train_stage(
