@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -289,31 +289,12 @@ def distill_blockwise(
         return store
 
     probe = PrefixProbe(teacher, block_paths[0])
-    student_probe: PrefixProbe | None = None
-    if source == "student":
-        student_probe = (
-            PrefixProbe(student_model, block_paths[0]) if student_model is not None else probe
-        )
     try:
         spill.mkdir(exist_ok=True)
-        streams = {"teacher": new_store("s000-teacher")}
-        if source == "student":
-            streams["student"] = new_store("s000-student")
-        constant_kwargs: dict[str, Any] | None = None
-        dynamic = False
-        for raw in ordered:
-            inputs = task.model_inputs(raw)
-            x, kwargs = probe(inputs)
-            if constant_kwargs is None:
-                constant_kwargs = kwargs
-                dynamic = has_tensor(kwargs)
-            streams["teacher"].append(x)
-            if student_probe is not None:
-                with swapped(teacher, rest) if student_model is None else contextlib.nullcontext():
-                    xs, _ = student_probe(inputs)
-                streams["student"].append(xs)
-        for store in streams.values():
-            store.finish()
+        streams, constant_kwargs = _prefix_pass(
+            probe, teacher, student_model, rest, ordered, task, source, new_store
+        )
+        dynamic = has_tensor(constant_kwargs)
 
         def kwargs_for(rows_raw: Any) -> dict[str, Any]:
             if not dynamic:
@@ -479,6 +460,43 @@ def distill_blockwise(
     if config.assemble:
         result.assemble()
     return result
+
+
+def _prefix_pass(
+    probe: PrefixProbe,
+    teacher: nn.Module,
+    student_model: nn.Module | None,
+    rest: Mapping[str, nn.Module],
+    ordered: DataLoader,
+    task: Any,
+    source: str,
+    new_store: Callable[[str], Any],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The first block's inputs of every used sample, stored: the teacher's and, for
+    ``input_source=student``, the student's (its prefix may be tensorized too). Returns the
+    stores and the first batch's extra block arguments."""
+    streams = {"teacher": new_store("s000-teacher")}
+    student_probe: PrefixProbe | None = None
+    if source == "student":
+        streams["student"] = new_store("s000-student")
+        student_probe = (
+            PrefixProbe(student_model, probe.first_block) if student_model is not None else probe
+        )
+    constant_kwargs: dict[str, Any] | None = None
+    for raw in ordered:
+        inputs = task.model_inputs(raw)
+        x, kwargs = probe(inputs)
+        if constant_kwargs is None:
+            constant_kwargs = kwargs
+        streams["teacher"].append(x)
+        if student_probe is not None:
+            # Disk mode: the student's prefix is the teacher's with its tensorized layers.
+            with swapped(teacher, rest) if student_model is None else contextlib.nullcontext():
+                xs, _ = student_probe(inputs)
+            streams["student"].append(xs)
+    for store in streams.values():
+        store.finish()
+    return streams, constant_kwargs or {}
 
 
 def _trim_host_memory() -> None:
