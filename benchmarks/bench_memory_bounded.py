@@ -108,9 +108,9 @@ def worker(args: argparse.Namespace) -> dict:
     import lightning as L
     import torch
 
-    from tnexp.blockwise import BlockwiseConfig, build_skeleton, distill_blockwise
     from tnexp.config import plain as _plain
     from tnexp.factory import tensorize
+    from tnexp.memory_bounded import BlockwiseConfig, build_skeleton, distill_blockwise
     from tnexp.modules import LocalConfig
     from tnexp.stages.build import build_datamodule, build_task, load_teacher
     from tnexp.stages.student import tensorize_spec
@@ -206,7 +206,7 @@ def prepare(teacher_dir: Path) -> None:
     # save_pretrained refuses GGUF-loaded models: write the config and the weights apart.
     code = (
         "import sys; from tnexp.models.hf import build_causal_lm;"
-        "from tnexp.blockwise import export_teacher_weights;"
+        "from tnexp.memory_bounded import export_teacher_weights;"
         "m = build_causal_lm('smollm2-135m');"
         "m.config.__dict__.pop('quantization_config', None);"  # the export is plain float
         "m.config.save_pretrained(sys.argv[1]);"

@@ -19,7 +19,10 @@ from safetensors.torch import load_file, save_model
 from tiny_lm import small_llama
 from torch.utils.data import DataLoader
 
-from tnexp.blockwise import (
+from tnexp.config import CONFIG_DIR
+from tnexp.data.text import TextBlocks
+from tnexp.factory import tensorize
+from tnexp.memory_bounded import (
     BlockwiseConfig,
     BlockwiseError,
     build_skeleton,
@@ -28,9 +31,6 @@ from tnexp.blockwise import (
     plan_stages,
     replay_schedule,
 )
-from tnexp.config import CONFIG_DIR
-from tnexp.data.text import TextBlocks
-from tnexp.factory import tensorize
 from tnexp.models import small_resnet
 from tnexp.modules import LocalConfig, LocalDistillation
 from tnexp.run import run_stage

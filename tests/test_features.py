@@ -21,7 +21,7 @@ from tnexp.features import (
     write_feature_cache,
 )
 from tnexp.models.resnet import small_resnet
-from tnexp.slicing import SlicePlanError, make_slice_plan
+from tnexp.slicing import Slice, SlicePlan, SlicePlanError, make_slice_plan
 
 RESNET_SPEC = {"rules": [{"pattern": "layer*.*.conv*", "cr": 0.5}]}
 IDENTITY = {"name": "random", "n": 40, "seed": 0}
@@ -68,6 +68,10 @@ def no_hooks(model):
         not m._forward_hooks and not m._forward_pre_hooks and not m._forward_hooks_with_kwargs
         for m in model.modules()
     )
+
+
+def paths_plan(*paths):
+    return SlicePlan([Slice(p, (p,)) for p in paths])
 
 
 def tiny_lm(kind):
@@ -151,6 +155,48 @@ def test_group_must_be_sequential(resnet, images):
     with pytest.raises(SlicePlanError, match=r"not sequential.*layer1.0.conv1.*layer1.0.conv2"):
         FeatureCapture(teacher, bad)(images[0][:2])
     assert no_hooks(teacher)
+
+
+def test_chain_check_follows_the_data_across_slices(resnet, images):
+    teacher, _ = resnet
+    x = images[0][:2]
+    blocks = paths_plan("layer1.0", "layer2.0", "layer3.0")
+    FeatureCapture(teacher, blocks, chain=True)(x)  # consecutive residual blocks: a chain
+    gap = paths_plan("conv1", "layer1.0")  # bn1, relu and maxpool run in between
+    with pytest.raises(SlicePlanError, match=r"not a chain.*'conv1'.*'layer1.0'"):
+        FeatureCapture(teacher, gap, chain=True)(x)
+    FeatureCapture(teacher, gap)(x)  # independent slices need no chain
+    assert no_hooks(teacher)
+
+
+def test_stop_before_the_last_slice_when_its_output_is_not_needed(resnet, images):
+    teacher, _ = resnet
+    x = images[0][:2]
+    plan = paths_plan("layer1.0", "layer2.0")
+    full = FeatureCapture(teacher, plan)(x)
+    calls = []  # finished forwards of the last slice (a post hook: it ran to the end)
+    handle = teacher.get_submodule("layer2.0").register_forward_hook(lambda *_: calls.append(1))
+    try:
+        inputs_only = FeatureCapture(teacher, plan, capture_outputs=False, stop_after_last=True)
+        got = inputs_only(x)
+        assert not calls  # the last slice never ran: its input was all that was needed
+        # The chain check needs layer1.0's output, so the forward still stops at layer2.0.
+        FeatureCapture(
+            teacher,
+            plan,
+            capture_inputs=False,
+            capture_outputs=False,
+            stop_after_last=True,
+            chain=True,
+        )(x)
+        assert not calls
+        FeatureCapture(teacher, plan, stop_after_last=True)(x)
+        assert len(calls) == 1  # outputs wanted: the last slice runs, then the forward stops
+    finally:
+        handle.remove()
+    for name in plan.names():
+        assert torch.equal(got[name].input, full[name].input)
+        assert got[name].output is None
 
 
 def test_inplace_modification_is_detected():

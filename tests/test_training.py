@@ -320,3 +320,41 @@ def test_lm_pretrain_then_local_with_tied_weights(tmp_path):
         assert metrics[stage]["token_ppl"] > 1.0 and metrics[stage]["ppl_tokens"] == 127
     assert "val/ppl" in metrics["final"]
     assert results["tensorize"]["layers"][0]["module_type"] == "Conv1D"
+
+
+def test_local_objective_sums_slices_passes_the_mask_and_names_a_nan_slice():
+    from tnexp.features import FeatureCapture
+    from tnexp.modules.objective import FeaturePair, LocalObjective, feature_pairs
+
+    torch.manual_seed(0)
+    teacher = small_resnet(width=8).eval()
+    student, _ = tensorize(teacher, {"rules": [{"pattern": "layer*.*.conv*", "cr": 0.5}]})
+    plan = make_slice_plan(student, "block")
+    pairs = feature_pairs(FeatureCapture(teacher, plan)(torch.randn(2, 1, 8, 8)))
+    masks = []
+
+    def loss(prediction, target, mask=None):  # a mask-aware loss (issue 15 adds real ones)
+        masks.append(mask)
+        return (prediction - target).pow(2).mean()
+
+    objective = LocalObjective(plan, loss, trainable="tensorized")
+    mask = torch.ones(2)
+    losses = objective(student, pairs, step=0, epoch=0, mask=mask)
+    assert len(masks) == len(plan) and all(m is mask for m in masks)
+    assert torch.allclose(losses.total, torch.stack(list(losses.per_slice.values())).sum())
+    assert set(losses.metrics()) == {f"train/slice/{n}" for n in plan.names()} | {"train/loss"}
+    masks.clear()
+    objective(student, pairs, step=0, epoch=0)
+    assert masks == [None] * len(plan)  # no mask: two-argument losses keep working
+
+    cores = {id(p) for s in plan for p in s.tensorized_parameters(student)}
+    assert {id(p) for p in objective.freeze_others(student)} == cores
+    assert all(p.requires_grad == (id(p) in cores) for p in student.parameters())
+    every = LocalObjective(plan, "mse").parameters(student)
+    assert cores < {id(p) for p in every}  # trainable=slice adds the slices' other parameters
+
+    bad = {n: FeaturePair(p.input * float("nan"), p.target) for n, p in pairs.items()}
+    with pytest.raises(
+        NonFiniteLossError, match=r"slice 'layer1\.0' is nan at step 3 \(epoch 1, local phase\)"
+    ):
+        objective(student, bad, step=3, epoch=1, where=" of stage 'x'")

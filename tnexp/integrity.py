@@ -27,6 +27,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "bytes_checksum",
+    "canonical_json",
     "checksum_matches",
     "file_checksum",
     "fsync_dir",
@@ -36,6 +37,11 @@ __all__ = [
 
 CHECKSUM_ALGORITHM = "xxh3_128"
 _CHUNK = 1 << 22
+
+
+def canonical_json(data: Any) -> str:
+    """Compact JSON with sorted keys: equal data gives equal text, hence equal hashes."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
 
 
 def bytes_checksum(data: bytes | memoryview) -> str:

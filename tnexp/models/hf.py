@@ -45,6 +45,7 @@ __all__ = [
     "resolve_model_source",
     "tiny_gpt2",
     "tiny_hf_model",
+    "torch_dtype",
 ]
 
 _DTYPES = {
@@ -156,7 +157,8 @@ def _hub_kwargs(
     return kwargs
 
 
-def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
+    """The torch dtype of a config's ``dtype`` name (``"auto"`` is passed through)."""
     if isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
     try:
@@ -198,7 +200,7 @@ def load_causal_lm(
     hub = _hub_kwargs(source, local_files_only, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source.location, dtype=_torch_dtype(dtype), **hub, **kwargs
+            source.location, dtype=torch_dtype(dtype), **hub, **kwargs
         )
     except OSError as err:
         if source.is_local:
@@ -428,9 +430,7 @@ def build_hf_model(
     try:
         config = AutoConfig.from_pretrained(source.location, **hub, **extra)
         cls = _model_class(str(head), config)
-        model = cls.from_pretrained(
-            source.location, config=config, dtype=_torch_dtype(dtype), **hub
-        )
+        model = cls.from_pretrained(source.location, config=config, dtype=torch_dtype(dtype), **hub)
     except OSError as err:
         if source.is_local:
             raise

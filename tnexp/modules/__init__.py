@@ -1,7 +1,8 @@
-"""LightningModules of tnexp: pretrain, local, global and hybrid share one class."""
+"""LightningModules of tnexp (pretrain, local, global, hybrid: one class), the local objective."""
 
 from tnexp.modules.guard import DivergenceGuard, TrainingDivergedError
 from tnexp.modules.losses import DISTILLATION_LOSSES, get_distillation_loss
+from tnexp.modules.objective import LocalObjective
 from tnexp.modules.optim import OptimizerConfig, build_optimizer
 from tnexp.modules.tensorization import (
     GlobalConfig,
@@ -22,6 +23,7 @@ __all__ = [
     "Hybrid",
     "LocalConfig",
     "LocalDistillation",
+    "LocalObjective",
     "NonFiniteLossError",
     "OptimizerConfig",
     "Phase",

@@ -22,6 +22,7 @@ from torch import nn
 from tnexp.features import FeatureCapture
 from tnexp.modules.guard import DivergenceGuard, NonFiniteLossError, TrainingDivergedError
 from tnexp.modules.losses import attention_mask, get_distillation_loss
+from tnexp.modules.objective import TRAINABLE, LocalObjective, cached_pairs, feature_pairs
 from tnexp.modules.optim import OptimizerConfig, build_optimizer, build_scheduler
 from tnexp.slicing import SlicePlan, first_tensor
 from tnexp.tn.mpo import MPOLinear
@@ -51,7 +52,7 @@ class LocalConfig:
             raise ValueError(
                 f"local.input_source must be 'teacher' or 'student', got {self.input_source!r}."
             )
-        if self.trainable not in ("slice", "tensorized"):
+        if self.trainable not in TRAINABLE:
             raise ValueError(
                 f"local.trainable must be 'slice' or 'tensorized', got {self.trainable!r}."
             )
@@ -103,10 +104,9 @@ class TensorizationModule(L.LightningModule):
             teacher.eval().requires_grad_(False)
             if hasattr(task, "bind_teacher"):  # a task measured against the teacher
                 task.bind_teacher(teacher)
-        if any(p.method == "local" for p in self.schedule):
-            if teacher is None or plan is None:
-                raise ValueError("a local phase needs a teacher and a slice plan.")
-            self._distill = get_distillation_loss(self.local_cfg.loss)
+        if any(p.method == "local" for p in self.schedule) and (teacher is None or plan is None):
+            raise ValueError("a local phase needs a teacher and a slice plan.")
+        self._objective: LocalObjective | None = None
         self.feature_capture_seconds = 0.0
         self.val_metrics = task.make_metrics()
         self._teacher_capture: FeatureCapture | None = None
@@ -117,6 +117,17 @@ class TensorizationModule(L.LightningModule):
     @property
     def teacher(self) -> nn.Module | None:
         return self._teacher
+
+    @property
+    def objective(self) -> LocalObjective:
+        """The local objective over the current ``plan`` (slice jobs narrow it after init)."""
+        if self.plan is None:
+            raise ValueError("this module has no slice plan, hence no local objective.")
+        if self._objective is None or self._objective.plan is not self.plan:
+            self._objective = LocalObjective(
+                self.plan, self.local_cfg.loss, trainable=self.local_cfg.trainable, guard=self.guard
+            )
+        return self._objective
 
     def phase_at(self, epoch: int) -> Phase:
         start = 0
@@ -136,17 +147,7 @@ class TensorizationModule(L.LightningModule):
     # ------------------------------------------------------------------ parameters
     def local_parameters(self) -> list[nn.Parameter]:
         """Parameters trained by the local phase: those of the selected slices."""
-        assert self.plan is not None
-        seen: dict[int, nn.Parameter] = {}
-        for s in self.plan:
-            params = (
-                s.tensorized_parameters(self.student)
-                if self.local_cfg.trainable == "tensorized"
-                else s.parameters(self.student)
-            )
-            for p in params:
-                seen[id(p)] = p
-        return list(seen.values())
+        return self.objective.parameters(self.student)
 
     def configure_optimizers(self):
         # One optimizer, two parameter groups (local-trainable, the rest): the groups are
@@ -248,9 +249,7 @@ class TensorizationModule(L.LightningModule):
         # drift the BatchNorm running stats away from the teacher's, so the whole student
         # runs in eval mode; the slice parameters still train.
         self.student.eval()
-        trainable = {id(p) for p in self.local_parameters()}
-        for p in self.student.parameters():
-            p.requires_grad_(id(p) in trainable)
+        self.objective.freeze_others(self.student)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self.phase.method == "local" and self.student.training:
@@ -279,40 +278,26 @@ class TensorizationModule(L.LightningModule):
         return features
 
     def _local_step(self, batch: Any) -> torch.Tensor:
-        assert self.plan is not None
         mask = None  # cached features carry no attention mask: every position counts
         if _is_cached_batch(batch):
-            features, _ = batch
-            pairs = {name: (inp, out, {}) for name, (inp, out) in features.items()}
+            pairs = cached_pairs(batch[0])
         else:
             inputs = self.task.model_inputs(batch)
             mask = attention_mask(inputs)  # padded tokens are left out of the slice losses
             teacher = self._timed_capture(self._teacher_capture, inputs)
-            pairs = {name: (f.input, f.output, f.kwargs) for name, f in teacher.items()}
-            if self._student_capture is not None:
-                student = self._timed_capture(self._student_capture, inputs)
-                pairs = {
-                    name: (student[name].input, out, student[name].kwargs)
-                    for name, (_, out, _) in pairs.items()
-                }
-        dtype = next(self.student.parameters()).dtype
-        losses = {}
-        for s in self.plan:
-            inp, target, kwargs = pairs[s.name]
-            prediction = s.forward(self.student, inp.to(dtype), **kwargs)
-            # Each slice's graph is disjoint from the others', so the summed loss gives each
-            # slice exactly the gradient it would get if it were trained alone.
-            loss = self._distill(prediction, target.to(prediction.dtype), mask)
-            if not torch.isfinite(loss).all():  # name the slice that went bad
-                self._check_loss(loss, f"slice {s.name!r} loss")
-            losses[s.name] = loss
-        total = torch.stack(list(losses.values())).sum()
-        self._check_loss(total, "local loss (sum over slices)")
-        for name, loss in losses.items():
-            self.log(f"train/slice/{name}", loss, on_step=True, on_epoch=True)
-        self.log("train/loss", total, on_step=True, on_epoch=True, prog_bar=True)
+            student = (
+                self._timed_capture(self._student_capture, inputs)
+                if self._student_capture is not None
+                else None
+            )
+            pairs = feature_pairs(teacher, student)
+        losses = self.objective(
+            self.student, pairs, step=self.global_step, epoch=self.current_epoch, mask=mask
+        )
+        for key, value in losses.metrics().items():
+            self.log(key, value, on_step=True, on_epoch=True, prog_bar=key == "train/loss")
         self.log("train/phase", 0.0, on_step=True)
-        return total
+        return losses.total
 
     def _check_loss(self, loss: torch.Tensor, what: str) -> None:
         self.guard.check(

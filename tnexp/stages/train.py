@@ -19,12 +19,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_model
 
-from tnexp.blockwise import run_memory_bounded_stage
 from tnexp.callbacks import OptimizationTimer
 from tnexp.config import plain
 from tnexp.data.phased import PhasedDataModule
 from tnexp.errors import ConfigError
 from tnexp.factory import TensorizeReport, count_parameters, save_tensorized
+from tnexp.memory_bounded import run_memory_bounded_stage
 from tnexp.modules import (
     DivergenceGuard,
     GlobalConfig,
@@ -112,7 +112,7 @@ def _run_stage_locked(cfg: DictConfig, out: Path) -> dict[str, Any]:
     cfg = prepare_stage(cfg)  # multirun checks, thread policy, data workers
     torch.set_float32_matmul_precision("high")
     if (cfg.method.get("memory_bounded") or {}).get("enabled"):
-        try:  # block by block, bounded memory (tnexp/blockwise.py)
+        try:  # block by block, bounded memory (tnexp/memory_bounded/)
             return run_memory_bounded_stage(cfg)
         except Exception as err:
             write_failed_results(cfg, out, err, phase="local")
