@@ -1,4 +1,4 @@
-"""All tables of a set of runs: the classification, LM and sweep tables plus the runs table."""
+"""All tables of a set of runs: classification, LM, feature-matching and sweep tables, runs."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ from typing import Any
 
 from tnexp.aggregate.accuracy import AccuracyTables
 from tnexp.aggregate.common import TRAINING_METHODS, minutes, number
+from tnexp.aggregate.features import FeatureTables
 from tnexp.aggregate.lm import LmTables
 from tnexp.aggregate.sweeps import SweepTables
 from tnexp.aggregate.table import Column, Table
 
 
-class Aggregation(AccuracyTables, LmTables, SweepTables):
+class Aggregation(AccuracyTables, LmTables, FeatureTables, SweepTables):
     """Tables and figures of a set of runs (see :func:`tnexp.aggregate.aggregate`)."""
 
     def runs_table(self) -> Table:
@@ -77,6 +78,7 @@ class Aggregation(AccuracyTables, LmTables, SweepTables):
         return [
             *self.paper_tables(),
             *self.lm_tables(),
+            *self.feature_tables(),
             *self.sweep_tables(),
             *self.accuracy_tables(),
             self.runs_table(),

@@ -9,7 +9,12 @@ from pathlib import Path
 from tnexp.aggregate.aggregation import Aggregation
 from tnexp.aggregate.common import AggregateError, slug
 from tnexp.aggregate.discovery import find_runs
-from tnexp.aggregate.figures import figure_accuracy_vs_time, figure_lm_vs_time, figure_sweep
+from tnexp.aggregate.figures import (
+    figure_accuracy_vs_time,
+    figure_features_vs_time,
+    figure_lm_vs_time,
+    figure_sweep,
+)
 from tnexp.aggregate.record import Incomplete, Run
 from tnexp.aggregate.reference import Reference, load_reference
 from tnexp.aggregate.table import Table
@@ -21,6 +26,7 @@ TABLE_GROUPS = (
     "table4",
     "table6",
     "table7",
+    "features",
     "sweeps",
     "accuracy",
     "runs",
@@ -72,7 +78,8 @@ def aggregate(
     Args:
         paths: run folders, multirun sweep folders or trees of them (or results.json files).
         out: output folder (None: nothing is written, tables are only returned).
-        tables: "all" or names among table1-4, table6, table7, sweeps, accuracy, runs.
+        tables: "all" or names among table1-4, table6, table7, features, sweeps, accuracy,
+            runs.
         compare_to: paper data set for classification runs that name none themselves.
         reference: the paper figures (path or loaded :class:`Reference`).
         figures: also draw the PNG figures.
@@ -118,6 +125,8 @@ def _figures(agg: Aggregation, tables: list[Table], folder: Path) -> list[Path]:
                 agg, runs, folder / f"fig3_lm_vs_time{suffix}.png", f"{model} on {dataset}"
             )
         )
+    if agg.feature_runs():
+        paths.append(figure_features_vs_time(agg, folder / "fig_features_vs_time.png"))
     for t in tables:
         if t.name.startswith("sweep_"):
             paths.append(figure_sweep(agg, t, folder / f"{t.name}.png"))

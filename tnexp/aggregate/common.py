@@ -53,6 +53,8 @@ SWEEP_KEYS = (
     "method.global.optimizer.lr",
     "data.batch_size",
 )
+# The monitored metric of feature-matching runs (tnexp.tasks.FeatureMatchingTask).
+FEATURES_MONITOR = "val/rel_err"
 COLORS = {"pretrain": "k", "local": "C0", "global": "C1", "hybrid": "C2"}
 
 

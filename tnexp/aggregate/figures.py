@@ -1,4 +1,5 @@
-"""The paper's figures from an aggregation: accuracy vs time, LM metrics vs time, sweeps."""
+"""The figures of an aggregation: accuracy, LM metrics and feature-matching error vs time,
+sweeps."""
 
 from __future__ import annotations
 
@@ -38,6 +39,48 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def _draw_runs(
+    ax: Any, runs: list[Run], label: str, scale: float, markers: set[str], **line: Any
+) -> None:
+    """One table row's runs (its seeds): each validation history as a curve from the
+    before-recovery point, assembled slice jobs as points (serial sum, ideal parallel)."""
+    color = line.get("color")
+    for i, run in enumerate(runs):
+        history = [
+            h
+            for h in run.history
+            if number(h.get("value")) is not None and number(h.get("optimization_s")) is not None
+        ]
+        if history:
+            draw_recovery(
+                ax,
+                history,
+                before=run.before_value,
+                switch_epoch=hybrid_switch_epoch(run.results),
+                scale=scale,
+                label=label if i == 0 else None,
+                labels_done=markers,
+                **line,
+            )
+        if run.slice_jobs and run.best_value is not None and run.optimization_s is not None:
+            ax.scatter(
+                [run.optimization_s / scale],
+                [run.best_value],
+                marker="s",
+                color=color,
+                label=f"{label}, slice jobs serial" if i == 0 else None,
+            )
+            par = run.parallel_s()
+            if par is not None:
+                ax.scatter(
+                    [par / scale],
+                    [run.best_value],
+                    marker="^",
+                    color=color,
+                    label=f"{label}, {run.workers} workers (ideal)" if i == 0 else None,
+                )
+
+
 def figure_accuracy_vs_time(agg: Aggregation, path: Path) -> Path | None:
     """Paper figure 2: top-1 vs optimisation time per method, one panel per (data, CR)."""
     runs = agg.classification_runs()
@@ -63,42 +106,7 @@ def figure_accuracy_vs_time(agg: Aggregation, path: Path) -> Path | None:
             color = COLORS.get(row["method"])
             label = row["method"] + ("" if row["_samples_key"] == "full" else f" {row['samples']}")
             style = "-" if row["_samples_key"] == "full" else ":"
-            for i, run in enumerate(row["_runs"]):
-                history = [
-                    h
-                    for h in run.history
-                    if number(h.get("value")) is not None
-                    and number(h.get("optimization_s")) is not None
-                ]
-                if history:
-                    draw_recovery(
-                        ax,
-                        history,
-                        before=run.before_value,
-                        switch_epoch=hybrid_switch_epoch(run.results),
-                        scale=scale,
-                        label=label if i == 0 else None,
-                        labels_done=markers,
-                        ls=style,
-                        color=color,
-                    )
-                if run.slice_jobs and run.best_value is not None:
-                    ax.scatter(
-                        [run.optimization_s / scale],
-                        [run.best_value],
-                        marker="s",
-                        color=color,
-                        label=f"{label}, slice jobs serial" if i == 0 else None,
-                    )
-                    par = run.parallel_s()
-                    if par is not None:
-                        ax.scatter(
-                            [par / scale],
-                            [run.best_value],
-                            marker="^",
-                            color=color,
-                            label=f"{label}, {run.workers} workers (ideal)" if i == 0 else None,
-                        )
+            _draw_runs(ax, row["_runs"], label, scale, markers, ls=style, color=color)
             if row["paper_top1"] is not None and row["_samples_key"] == "full":
                 ax.axhline(
                     row["paper_top1"],
@@ -121,6 +129,44 @@ def figure_accuracy_vs_time(agg: Aggregation, path: Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     share_y(axes)  # methods and CRs compare at a glance
+    return _save(fig, path)
+
+
+def figure_features_vs_time(agg: Aggregation, path: Path) -> Path | None:
+    """Feature-matching runs: validation relative error vs optimisation time per method,
+    one panel per (data set, model, compared output, CR); the teacher is 0 by definition."""
+    rows = [r for r in agg.feature_rows(agg.feature_runs()) if r["_runs"]]
+    panels = sorted(
+        {(r["dataset"], r["model"], r["output"], r["cr"]) for r in rows},
+        key=lambda k: (*k[:3], k[3] is None, k[3] or 0.0),
+    )
+    if not panels:
+        return None
+    all_runs = [run for r in rows for run in r["_runs"]]
+    scale, unit = _time_axis(
+        [h.get("optimization_s") for run in all_runs for h in run.history]
+        + [run.optimization_s for run in all_runs]
+    )
+    fig, axes = _new_figure(len(panels))
+    for ax, (dataset, model, output, cr) in zip(axes, panels, strict=True):
+        markers: set[str] = set()
+        for row in rows:
+            if (row["dataset"], row["model"], row["output"]) != (dataset, model, output):
+                continue
+            if not same(row["cr"], cr):
+                continue
+            label = row["method"] + ("" if row["_runs"][0].full_data else f" {row['samples']}")
+            style = "-" if row["_runs"][0].full_data else ":"
+            color = COLORS.get(row["method"])
+            _draw_runs(ax, row["_runs"], label, scale, markers, ls=style, color=color)
+        ax.axhline(0.0, color="k", ls=":", lw=1, label="dense teacher (0)")
+        where = f"{model} on {dataset}, {output}"
+        ax.set_title(f"{where}, CR {cr:g}" if cr is not None else where, fontsize=9)
+        ax.set_xlabel(f"optimisation time ({unit})")
+        ax.set_ylabel("validation rel. error ‖S − T‖ / ‖T‖")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    share_y(axes)
     return _save(fig, path)
 
 

@@ -58,6 +58,9 @@ class RunSets:
     def lm_runs(self) -> list[Run]:
         return [r for r in self.runs if r.ok and r.kind == "lm"]
 
+    def feature_runs(self) -> list[Run]:
+        return [r for r in self.runs if r.ok and r.kind == "features"]
+
     def teacher_run(self, run: Run) -> Run | None:
         """The pretrain run behind ``config.teacher.path`` (its results.json), if any."""
         path = get_path(run.config, "teacher.path")
@@ -117,7 +120,7 @@ class RunSets:
         """Runs of one experiment/method differing only in batch size and/or lr."""
         groups: dict[tuple, list[Run]] = defaultdict(list)
         for r in self.runs:
-            if r.ok and r.method in PHASES and r.kind in ("classification", "lm"):
+            if r.ok and r.method in PHASES and r.kind in ("classification", "lm", "features"):
                 # The jobs of one Hydra multirun are one sweep (the paper configs share
                 # experiment_name across a table's rows and its sweeps); other runs group
                 # by their settings alone.

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tnexp.aggregate.common import (
+    FEATURES_MONITOR,
     PHASES,
     SWEEP_KEYS,
     TRAINING_METHODS,
@@ -116,11 +117,19 @@ class Run:
 
     @property
     def kind(self) -> str:
-        """classification | lm | profile | analyze | unknown (the last three: no table row)."""
+        """classification | lm | features | profile | analyze | unknown (the last three: no
+        table row).
+
+        ``features``: a feature-matching run (``task=features``), whatever its data set's own
+        task (text data is causal LM, images classification): the student was measured
+        against the teacher's outputs, not on the data set's labels.
+        """
         if self.method in ("profile", "analyze"):
             return self.method
-        task = get_path(self.config, "data.info.task")
         monitor = get_path(self.results, "task.monitor")
+        if get_path(self.config, "task.name") == "features" or monitor == FEATURES_MONITOR:
+            return "features"
+        task = get_path(self.config, "data.info.task")
         if task == "causal_lm" or monitor == "val/ppl":
             return "lm"
         if task == "classification" or monitor == "val/top1":
@@ -128,6 +137,11 @@ class Run:
         if get_path(self.config, "data.info.num_classes") is not None:
             return "classification"
         return "unknown"
+
+    @property
+    def feature_output(self) -> str:
+        """What a feature-matching run compared (``task.output``: pooled, last_hidden_state...)."""
+        return str(get_path(self.config, "task.output") or "last_hidden_state")
 
     @property
     def experiment(self) -> str:
@@ -241,12 +255,12 @@ class Run:
     # ------------------------------------------------------------------ metrics
     @property
     def monitor(self) -> str:
-        default = "val/ppl" if self.kind == "lm" else "val/top1"
+        default = {"lm": "val/ppl", "features": FEATURES_MONITOR}.get(self.kind, "val/top1")
         return str(get_path(self.results, "task.monitor") or default)
 
     @property
     def mode(self) -> str:
-        default = "min" if self.kind == "lm" else "max"
+        default = "min" if self.kind in ("lm", "features") else "max"
         return str(get_path(self.results, "task.mode") or default)
 
     @property
