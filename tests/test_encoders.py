@@ -114,6 +114,29 @@ def test_local_and_global_losses_are_unchanged_by_padded_token_inputs(monkeypatc
     assert not math.isclose(*unmasked, rel_tol=1e-3)
 
 
+def test_slice_validation_errors_are_unchanged_by_padded_token_inputs(monkeypatch):
+    teacher = tiny_bert()
+    student, _ = tensorize(teacher, FFN_SPEC)
+    module = LocalDistillation(
+        student, FeatureMatchingTask(), teacher=teacher, plan=make_slice_plan(student, "block")
+    )
+    module.setup("fit")
+
+    def slice_errors(batch):
+        module._accumulate_slice_errors(batch)  # what val/slice_rel_err/<slice> is made of
+        sums = module.__dict__.pop("_slice_error_sums")
+        return [math.sqrt(err / ref) for err, ref in sums.values()]
+
+    batches = (padded_batch(), with_new_padding(padded_batch()))
+    masked = [slice_errors(b) for b in batches]
+    assert len(masked[0]) == 2 and all(e > 0.0 for e in masked[0])
+    assert masked[0] == pytest.approx(masked[1], rel=1e-6)
+    # The check can fail: with the mask dropped, the padded positions change the errors.
+    monkeypatch.setattr("tnexp.modules.tensorization.attention_mask", lambda inputs: None)
+    unmasked = [slice_errors(b) for b in batches]
+    assert unmasked[0] != pytest.approx(unmasked[1], rel=1e-3)
+
+
 def test_feature_task_metrics():
     teacher = tiny_bert()
     task = FeatureMatchingTask(output="pooled", teacher=teacher)

@@ -23,6 +23,7 @@ __all__ = [
     "get_distillation_loss",
     "mse",
     "normalized_mse",
+    "squared_error_sums",
 ]
 
 
@@ -89,6 +90,23 @@ def cosine(
         return (1.0 - F.cosine_similarity(student.flatten(1), teacher.flatten(1), dim=1)).mean()
     s, t = (student * weights).flatten(1), (teacher * weights).flatten(1)
     return (1.0 - F.cosine_similarity(s, t, dim=1)).mean()
+
+
+@torch.no_grad()
+def squared_error_sums(
+    student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None
+) -> tuple[float, float]:
+    """``(sum ||S - T||^2, sum ||T||^2)`` over the unpadded positions (float64 sums).
+
+    Accumulated over validation batches they give a relative error ``sqrt(err / ref)``
+    that, like the losses, ignores what is computed at padded tokens.
+    """
+    weights = feature_mask(mask, teacher)
+    diff, ref = (student - teacher).double().pow(2), teacher.double().pow(2)
+    if weights is not None:
+        weights = weights.double()
+        diff, ref = diff * weights, ref * weights
+    return float(diff.sum()), float(ref.sum())
 
 
 DISTILLATION_LOSSES: dict[str, Callable[..., torch.Tensor]] = {

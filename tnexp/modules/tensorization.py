@@ -21,7 +21,7 @@ from torch import nn
 
 from tnexp.features import FeatureCapture
 from tnexp.modules.guard import DivergenceGuard, NonFiniteLossError, TrainingDivergedError
-from tnexp.modules.losses import attention_mask, get_distillation_loss
+from tnexp.modules.losses import attention_mask, get_distillation_loss, squared_error_sums
 from tnexp.modules.objective import TRAINABLE, LocalObjective, cached_pairs, feature_pairs
 from tnexp.modules.optim import OptimizerConfig, build_optimizer, build_scheduler
 from tnexp.slicing import SlicePlan, first_tensor
@@ -320,20 +320,21 @@ class TensorizationModule(L.LightningModule):
 
     @torch.no_grad()
     def _accumulate_slice_errors(self, batch: Any) -> None:
-        """Sum ``||Y' - Y||^2`` and ``||Y||^2`` per slice, each slice fed the teacher's input."""
+        """Sum ``||Y' - Y||^2`` and ``||Y||^2`` per slice, each slice fed the teacher's input;
+        padded tokens (the batch's attention mask) are left out, as in the slice losses."""
         assert self.plan is not None
-        teacher = self._teacher_capture(self.task.model_inputs(batch))
+        inputs = self.task.model_inputs(batch)
+        mask = attention_mask(inputs)
+        teacher = self._teacher_capture(inputs)
         dtype = next(self.student.parameters()).dtype
         sums = self.__dict__.setdefault("_slice_error_sums", {})
         for s in self.plan:
             f = teacher[s.name]
             target = first_tensor(f.output).to(dtype)
             prediction = first_tensor(s.forward(self.student, f.input.to(dtype), **f.kwargs))
-            err, ref = sums.get(s.name, (0.0, 0.0))
-            sums[s.name] = (
-                err + float((prediction - target).double().pow(2).sum()),
-                ref + float(target.double().pow(2).sum()),
-            )
+            err, ref = squared_error_sums(prediction, target, mask)
+            total_err, total_ref = sums.get(s.name, (0.0, 0.0))
+            sums[s.name] = (total_err + err, total_ref + ref)
 
     def on_validation_epoch_end(self) -> None:
         values = self.task.finalize(self.val_metrics.compute())
