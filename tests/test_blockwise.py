@@ -67,7 +67,7 @@ def _loader(n: int = 12, seq: int = 16, batch: int = 4) -> DataLoader:
     return DataLoader(data, batch_size=batch, shuffle=True, generator=order)
 
 
-def _normal_local(teacher, spec, granularity, epochs=2, source="teacher", init_seed=1):
+def _normal_local(teacher, spec, granularity, epochs=2, source="teacher", init_seed=1, loader=None):
     """The normal mode: LocalDistillation with online features, all slices in one run."""
     torch.manual_seed(init_seed)
     student, _ = tensorize(teacher, spec)
@@ -84,7 +84,7 @@ def _normal_local(teacher, spec, granularity, epochs=2, source="teacher", init_s
         limit_val_batches=0,
         num_sanity_val_steps=0,
     )
-    trainer.fit(module, train_dataloaders=_loader())
+    trainer.fit(module, train_dataloaders=loader or _loader())
     return _state(student)
 
 
@@ -171,6 +171,55 @@ def test_random_init_equal_with_cpu_offload(llama, tmp_path):
         student=tensorize(llama, spec),
     )
     assert _max_diff(_state(result.student), reference) <= TOL
+
+
+class _PaddedText(torch.utils.data.Dataset):
+    """Token blocks whose tails are padding (attention mask 0), padded with ``fill``."""
+
+    def __init__(self, fill: int, n: int = 12, seq: int = 16):
+        tokens = torch.Generator().manual_seed(7)
+        self.ids = torch.randint(1, 50, (n, seq), generator=tokens)
+        self.mask = torch.ones_like(self.ids)
+        for i in range(0, n, 2):  # every other sample padded after 5 + i/2 tokens
+            self.mask[i, 5 + i // 2 :] = 0
+        self.ids = self.ids.masked_fill(self.mask == 0, fill)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i]}
+
+
+def _padded_loader(fill: int) -> DataLoader:
+    order = torch.Generator().manual_seed(3)
+    return DataLoader(_PaddedText(fill), batch_size=4, shuffle=True, generator=order)
+
+
+def test_padded_tokens_are_left_out_as_in_the_normal_mode(llama, monkeypatch):
+    def blockwise(fill: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(1)
+        result = distill_blockwise(
+            llama,
+            None,
+            _padded_loader(fill),
+            CausalLMTask(),
+            granularity="decoder",
+            local=LOCAL,
+            config=BlockwiseConfig(epochs=1, progress=False, device="cpu"),
+            student=tensorize(llama, MLP_SPEC),
+        )
+        return _state(result.student)
+
+    masked = blockwise(fill=0)
+    # the normal mode leaves padded tokens out of the slice losses: so does the blockwise one
+    reference = _normal_local(llama, MLP_SPEC, "decoder", epochs=1, loader=_padded_loader(0))
+    assert _max_diff(masked, reference) <= TOL
+    # what is computed at padded tokens never moves the student
+    assert _max_diff(blockwise(fill=9), masked) <= 1e-6
+    # The check can fail: without the mask the padded tokens change the trained student.
+    monkeypatch.setattr("tnexp.memory_bounded.driver.attention_mask", lambda inputs: None)
+    assert _max_diff(blockwise(fill=9), blockwise(fill=0)) > 1e-4
 
 
 def test_student_input_source_runs_and_differs(llama, llama_file):

@@ -62,6 +62,7 @@ from tnexp.memory_bounded.weights import (
     release,
     retie,
 )
+from tnexp.modules.losses import attention_mask
 from tnexp.modules.tensorization import LocalConfig
 from tnexp.slicing import SlicePlan, make_slice_plan
 
@@ -266,8 +267,11 @@ def distill_blockwise(
         collate_fn=train_loader.collate_fn,
     )
     dataset, collate = train_loader.dataset, train_loader.collate_fn
+    first = next(iter(DataLoader(Subset(dataset, used[:1].tolist()), collate_fn=collate)))
+    # Text batches with an attention mask: padded tokens are left out of the slice losses,
+    # as in the normal mode (the mask is read from each replayed batch).
+    masked = attention_mask(task.model_inputs(first)) is not None
     if config.verify and len(block_paths) > 1:
-        first = next(iter(DataLoader(Subset(dataset, used[:1].tolist()), collate_fn=collate)))
         verify_chain(teacher_access, block_paths, task.model_inputs(first))
 
     # Created only now, so that bad input found above leaves nothing behind.
@@ -304,6 +308,9 @@ def distill_blockwise(
         def raw_batch(indices: torch.Tensor) -> Any:
             return collate([dataset[i] for i in indices.tolist()])
 
+        def mask_for(rows_raw: Any) -> torch.Tensor | None:
+            return attention_mask(task.model_inputs(rows_raw))
+
         # ---------------------------------------------------------------- resume bookkeeping
         stage_dir = work_dir / "stages"
         stage_dir.mkdir(exist_ok=True)
@@ -321,6 +328,8 @@ def distill_blockwise(
                     "precision": config.precision,
                     "clip": [config.gradient_clip_val, config.gradient_clip_algorithm],
                     "identity": dict(identity or {}),
+                    # stages trained before the losses honoured the mask are not reused
+                    **({"attention_mask": True} if masked else {}),
                 }
             ),
             config.resume,
@@ -364,7 +373,12 @@ def distill_blockwise(
                 log.info("stage %s: resumed from %s", stage.name, file)
             elif stage.slices:
                 data = StageData(
-                    streams, row_of, schedule, kwargs_for, raw_batch if dynamic else None
+                    streams,
+                    row_of,
+                    schedule,
+                    kwargs_for,
+                    raw_batch if dynamic or masked else None,
+                    mask_for if masked else None,
                 )
                 train_stage(stage, t_shell, s_shell, data, local, device, config, stat, run_log)
             if stage.slices or disk_student:

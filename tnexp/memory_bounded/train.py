@@ -34,13 +34,17 @@ class RunLog:
 
 @dataclass
 class StageData:
-    """Where a stage's training batches come from: stored block inputs, replayed kwargs."""
+    """Where a stage's training batches come from: stored block inputs, replayed kwargs
+    and attention masks."""
 
     streams: dict[str, Any]  # "teacher" (and "student") spill stores of this stage
     row_of: torch.Tensor  # dataset index -> row in the stores
     schedule: list[list[torch.Tensor]]  # per epoch, the sample indices of every batch
     kwargs_for: Callable[[Any], dict[str, Any]]  # extra block arguments of a raw batch
-    raw_batch: Callable[[torch.Tensor], Any] | None  # None: the same extra arguments always
+    # None: the same extra arguments always, and no attention mask
+    raw_batch: Callable[[torch.Tensor], Any] | None
+    # the (B, T) attention mask of a raw batch (padded tokens left out of the slice losses)
+    mask_for: Callable[[Any], torch.Tensor | None] | None = None
 
 
 def train_stage(
@@ -94,6 +98,8 @@ def train_stage(
                 start = time.perf_counter()
                 raw = data.raw_batch(indices) if data.raw_batch else None
                 kwargs = to_device(data.kwargs_for(raw), device)
+                mask = data.mask_for(raw) if data.mask_for is not None and raw is not None else None
+                mask = mask.to(device) if mask is not None else None
                 rows = data.row_of[indices]
                 x = data.streams["teacher"].gather(rows).to(device)
                 teacher = t_capture({"hidden_states": x, **kwargs})
@@ -110,7 +116,12 @@ def train_stage(
                     else contextlib.nullcontext()
                 ):
                     losses = objective(
-                        s_shell, pairs, step=step, epoch=epoch, where=f" of stage {stage.name!r}"
+                        s_shell,
+                        pairs,
+                        step=step,
+                        epoch=epoch,
+                        where=f" of stage {stage.name!r}",
+                        mask=mask,
                     )
                 losses.total.backward()
                 if config.gradient_clip_val is not None:
