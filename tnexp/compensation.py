@@ -68,33 +68,37 @@ class CompensationResult:
 
 
 class _Sums:
-    """Running sums ``X_s^T X_s``, ``X_s^T X_t``, ``X_t^T X_t`` of one input group."""
+    """Running sums ``X_s^T X_s``, ``X_s^T X_t`` of one input group, and per layer of the
+    group the squared norm of the teacher's output ``||X_t W||^2`` (the error's scale)."""
 
     def __init__(self) -> None:
         self.ss: torch.Tensor | None = None
         self.st: torch.Tensor | None = None
-        self.tt: torch.Tensor | None = None
+        self.reference: dict[str, float] = {}
         self.rows = 0
 
-    def add(self, xs: torch.Tensor, xt: torch.Tensor) -> None:
+    def add(self, xs: torch.Tensor, xt: torch.Tensor, outputs: dict[str, torch.Tensor]) -> None:
         if xs.shape != xt.shape:
             raise TensorizationError(
                 f"student and teacher layer inputs differ in shape ({tuple(xs.shape)} vs "
                 f"{tuple(xt.shape)}); compensation needs the same tokens / patches in both."
             )
         xs, xt = xs.float(), xt.float()  # one batch in float32, sums in float64
-        ss, st, tt = (xs.T @ xs).double(), (xs.T @ xt).double(), (xt.T @ xt).double()
+        ss, st = (xs.T @ xs).double(), (xs.T @ xt).double()
         if self.ss is None:
-            self.ss, self.st, self.tt = ss, st, tt
+            self.ss, self.st = ss, st
         else:
             self.ss += ss
             self.st += st
-            self.tt += tt
+        for name, out in outputs.items():
+            self.reference[name] = self.reference.get(name, 0.0) + float(
+                out.double().square().sum()
+            )
         self.rows += xs.shape[0]
 
-    def means(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def means(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         n = max(self.rows, 1)
-        return self.ss / n, self.st / n, self.tt / n
+        return self.ss / n, self.st / n, {k: v / n for k, v in self.reference.items()}
 
 
 def _tensorized_layers(model: nn.Module, plan: SlicePlan) -> dict[str, list[str]]:
@@ -186,9 +190,9 @@ def _tucker_factors(layer: TuckerConv2d) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 def _relative_error(
-    approx: torch.Tensor, w: torch.Tensor, ss: torch.Tensor, st: torch.Tensor, tt: torch.Tensor
+    approx: torch.Tensor, w: torch.Tensor, ss: torch.Tensor, st: torch.Tensor, reference: float
 ) -> float:
-    reference = float((w * (tt @ w)).sum())
+    """``||X_s W' - X_t W|| / ||X_t W||`` from the Gram sums (``reference = ||X_t W||^2``)."""
     value = (approx * (ss @ approx)).sum() - 2 * (approx * (st @ w)).sum() + reference
     return max(float(value), 0.0) ** 0.5 / max(reference, 1e-30) ** 0.5
 
@@ -269,19 +273,19 @@ def compensate_slices(
             sums = _accumulate(teacher, student, plan, groups, batches, model_inputs, device,
                                progress=progress, stage=stage)  # fmt: skip
             for slice_name, names in groups.items():
-                ss, st, tt = sums[slice_name].means()
+                ss, st, references = sums[slice_name].means()
                 lam = damping * float(ss.diagonal().mean())
                 eye = torch.eye(ss.shape[0], dtype=ss.dtype)
                 for name in names:
                     layer = student.get_submodule(name)
                     w = _dense_matrix(teacher.get_submodule(name))
-                    before = _relative_error(_approx_matrix(layer), w, ss, st, tt)
+                    before = _relative_error(_approx_matrix(layer), w, ss, st, references[name])
                     # Ridge towards the teacher's own weight: directions the student's
                     # inputs never excite keep W instead of collapsing to zero.
                     target = torch.linalg.solve(ss + lam * eye, st @ w + lam * w)
                     old = [p.detach().clone() for p in layer.parameters()]
                     _refit(layer, target, ss, damping=damping, sweeps=als_sweeps, tol=als_tol)()
-                    after = _relative_error(_approx_matrix(layer), w, ss, st, tt)
+                    after = _relative_error(_approx_matrix(layer), w, ss, st, references[name])
                     if after > before:  # damping can make the fit worse: keep the old one
                         for p, value in zip(layer.parameters(), old):
                             p.copy_(value)
@@ -324,9 +328,13 @@ def _accumulate(
         bar = tqdm(total=len(batches), desc=f"compensation stage {stage}", leave=False)
     for batch in batches:
         rows_t: dict[str, torch.Tensor] = {}
+        outputs: dict[str, torch.Tensor] = {}
         handles = [
             _row_hook(teacher, names[0], rows_t, s, teacher.get_submodule(names[0]))
             for s, names in groups.items()
+        ]
+        handles += [
+            _output_hook(teacher, name, outputs) for names in groups.values() for name in names
         ]
         try:
             features = capture(to_device(model_inputs(batch), device))
@@ -347,7 +355,9 @@ def _accumulate(
                 raise TensorizationError(
                     f"{names[0]} did not run in slice {slice_name!r}; cannot compensate it."
                 )
-            sums[slice_name].add(rows_s[slice_name], rows_t[slice_name])
+            sums[slice_name].add(
+                rows_s[slice_name], rows_t[slice_name], {n: outputs[n] for n in names}
+            )
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -369,6 +379,20 @@ def _row_hook(
         out.setdefault(key, layer_input_rows(reference, args[0].detach()))
 
     return module.register_forward_pre_hook(hook)
+
+
+def _output_hook(model: nn.Module, name: str, out: dict[str, torch.Tensor]) -> Any:
+    """Store ``model.<name>``'s output without its bias, i.e. ``X_t W`` (free: no extra GEMM)."""
+    module = model.get_submodule(name)
+
+    def hook(_module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
+        y = output.detach()
+        bias = getattr(module, "bias", None)
+        if bias is not None:
+            y = y - (bias[:, None, None] if isinstance(module, nn.Conv2d) else bias)
+        out.setdefault(name, y)
+
+    return module.register_forward_hook(hook)
 
 
 def _take(batches: Iterable[Any], n: int) -> Iterable[Any]:
