@@ -19,6 +19,7 @@ from tnexp.errors import ConfigError
 from tnexp.memory_bounded import BlockwiseConfig
 from tnexp.modules import GlobalConfig, LocalConfig
 from tnexp.modules.optim import OptimizerConfig
+from tnexp.restore import ResumeConfigError, SavedRun, restore_config
 from tnexp.schema import (
     GlobalSettings,
     LocalSettings,
@@ -26,6 +27,7 @@ from tnexp.schema import (
     OptimizerSettings,
     RuntimeSettings,
     SliceJobsSettings,
+    is_schema_default,
     settings_dict,
 )
 
@@ -147,3 +149,28 @@ def test_a_key_forced_in_with_plus_is_refused_by_the_stage():
     cfg = _compose("method=local", "+method.local.batchsize=8")
     with pytest.raises(ConfigError, match=r"method\.local\.batchsize.*batch_size"):
         settings_dict(cfg.method.local, LocalSettings, "method.local")
+
+
+def test_resume_accepts_a_run_saved_before_the_schemas(tmp_path):
+    """A run folder saved before the schemas lacks their defaults (optimizer keys) and,
+    for hybrid, still has the slice-job / memory-bounded nodes: `experiment=... resume=auto`
+    continues it, while a real change is still refused."""
+    experiment = "experiment=paper/cifar10/hybrid_cr0.7"
+    cfg = _compose(experiment)
+    old = OmegaConf.to_container(cfg, resolve=False)
+    for phase in ("local", "global"):
+        for key in ("weight_decay", "momentum", "scheduler", "warmup_steps"):
+            old["method"][phase]["optimizer"].pop(key)
+    old["method"]["local"].pop("log_slice_errors")
+    old["method"]["slice_jobs"] = dataclasses.asdict(SliceJobsSettings())
+    old["method"]["memory_bounded"] = dataclasses.asdict(MemoryBoundedSettings())
+    saved = SavedRun(tmp_path, OmegaConf.create(old), [experiment], tmp_path / "config.yaml")
+    restored = restore_config(cfg, saved, [experiment])
+    assert OmegaConf.to_container(restored, resolve=False) == old
+    old["method"]["local"]["optimizer"]["lr"] = 0.5  # another run: refused
+    changed = SavedRun(tmp_path, OmegaConf.create(old), [experiment], tmp_path / "config.yaml")
+    with pytest.raises(ResumeConfigError, match=r"method\.local\.optimizer\.lr"):
+        restore_config(cfg, changed, [experiment])
+    assert is_schema_default("method.local.optimizer.weight_decay", 0.0)
+    assert not is_schema_default("method.local.optimizer.weight_decay", 0.1)
+    assert not is_schema_default("method.local_epochs", 5)

@@ -18,6 +18,7 @@ that they restate no default). The classes the code builds from these nodes subc
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -34,6 +35,7 @@ __all__ = [
     "OptimizerSettings",
     "RuntimeSettings",
     "SliceJobsSettings",
+    "is_schema_default",
     "register_schemas",
     "settings_dict",
 ]
@@ -127,6 +129,33 @@ SCHEMAS: dict[str, type] = {
     "memory_bounded": MemoryBoundedSettings,
     "runtime": RuntimeSettings,
 }
+
+
+# where the composed config places each schema (dotted key -> schema)
+PLACES: dict[str, type] = {
+    "method.local": LocalSettings,
+    "method.global": GlobalSettings,
+    "method.slice_jobs": SliceJobsSettings,
+    "method.memory_bounded": MemoryBoundedSettings,
+    "runtime": RuntimeSettings,
+}
+
+
+def is_schema_default(key: str, value: Any) -> bool:
+    """Whether ``value`` at the dotted ``key`` is what a schema gives there by default.
+
+    A config saved before a schema placed a key (or after it moved one) lacks it or has
+    it at its default; the code used that default either way (``resume=auto``).
+    """
+    for place, schema in PLACES.items():
+        if key == place or key.startswith(f"{place}."):
+            node: Any = dataclasses.asdict(schema())
+            for part in key[len(place) :].split(".")[1:]:
+                if not isinstance(node, dict) or part not in node:
+                    return False
+                node = node[part]
+            return node == value
+    return False
 
 
 def register_schemas() -> None:
