@@ -21,6 +21,7 @@ from tnexp.modules import GlobalConfig, LocalConfig
 from tnexp.modules.optim import OptimizerConfig
 from tnexp.restore import ResumeConfigError, SavedRun, restore_config
 from tnexp.schema import (
+    CalibrationSettings,
     GlobalSettings,
     LocalSettings,
     MemoryBoundedSettings,
@@ -30,7 +31,9 @@ from tnexp.schema import (
     is_schema_default,
     settings_dict,
 )
+from tnexp.stages.student import calibration_settings
 
+TENSORIZE = ("tucker", "mpo_gpt2_mlp", "mpo_llama_mlp", "mpo_encoder_ffn", "mpo_vit_mlp")
 # config node -> (its schema, the YAML files that place it)
 NODES: dict[str, tuple[type, list[str]]] = {
     "local": (LocalSettings, ["method/parts/local_phase.yaml"]),
@@ -41,6 +44,10 @@ NODES: dict[str, tuple[type, list[str]]] = {
     "slice_jobs": (SliceJobsSettings, ["method/local.yaml"]),
     "memory_bounded": (MemoryBoundedSettings, ["method/local.yaml"]),
     "runtime": (RuntimeSettings, ["runtime/default.yaml"]),
+    "calibration": (
+        CalibrationSettings,
+        [f"tensorize/{t}.yaml" for t in TENSORIZE],
+    ),
 }
 
 
@@ -62,6 +69,7 @@ def _defaults(schema: type) -> dict[str, Any]:
         ("capture", "method.slice_jobs", SliceJobsSettings),
         ("assemble", "method.slice_jobs", SliceJobsSettings),
         ("quickstart", "runtime", RuntimeSettings),
+        ("local", "tensorize.calibration", CalibrationSettings),
     ],
 )
 def test_composed_nodes_hold_every_schema_default(method, node, schema):
@@ -99,6 +107,7 @@ def test_yaml_files_restate_no_schema_default(node):
         raw = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / name))
         assert any(f"/schema/{node}@" in d for d in raw.get("defaults", [])), name
         body = raw if node == "runtime" else raw.get(node, {})
+        assert isinstance(body, dict)
         assert _restated(body, _defaults(schema), node) == [], f"{name} restates defaults"
 
 
@@ -127,6 +136,7 @@ def test_python_classes_share_the_schema_defaults():
         ("method.local.batch_size=abc", "batch_size"),
         ("method.memory_bounded.offlaod=disk", "offlaod"),
         ("runtime.thread=2", "thread"),
+        ("tensorize.calibration.num_batch=8", "num_batch"),
     ],
 )
 def test_unknown_keys_and_wrong_types_are_composition_errors(override, expected):
@@ -174,3 +184,11 @@ def test_resume_accepts_a_run_saved_before_the_schemas(tmp_path):
     assert is_schema_default("method.local.optimizer.weight_decay", 0.0)
     assert not is_schema_default("method.local.optimizer.weight_decay", 0.1)
     assert not is_schema_default("method.local_epochs", 5)
+
+
+@pytest.mark.parametrize("tensorize", TENSORIZE)
+def test_calibration_settings_of_every_tensorize_option(tensorize):
+    cfg = _compose("method=local", f"tensorize={tensorize}")
+    cal = calibration_settings(cfg)
+    assert cal is not None and set(dataclasses.asdict(cal)) == set(_defaults(CalibrationSettings))
+    assert calibration_settings(_compose("tensorize=none")) is None

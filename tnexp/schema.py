@@ -29,6 +29,7 @@ from tnexp.errors import ConfigError
 
 __all__ = [
     "SCHEMAS",
+    "CalibrationSettings",
     "GlobalSettings",
     "LocalSettings",
     "MemoryBoundedSettings",
@@ -120,6 +121,18 @@ class RuntimeSettings:
     tiny_step_gflop: float = 0.5
 
 
+@dataclass
+class CalibrationSettings:
+    """``tensorize.calibration``: the teacher's input statistics for data-aware
+    tensorization (init whiten | als, layout auto; docs/data_aware.md), collected once from
+    training batches of the data config and saved under ``dir``."""
+
+    num_batches: int = 64  # training batches of the data config
+    dir: str | None = None  # null: <paths.cache_dir>/calibration
+    compensate: bool = False  # refit later layers of each slice from the student's own inputs
+    compensate_slicing: Any = "block"  # the slices compensation works within (tnexp/slicing.py)
+
+
 # name in the ConfigStore group ``schema`` -> schema
 SCHEMAS: dict[str, type] = {
     "optimizer": OptimizerSettings,
@@ -128,6 +141,7 @@ SCHEMAS: dict[str, type] = {
     "slice_jobs": SliceJobsSettings,
     "memory_bounded": MemoryBoundedSettings,
     "runtime": RuntimeSettings,
+    "calibration": CalibrationSettings,
 }
 
 
@@ -138,6 +152,7 @@ PLACES: dict[str, type] = {
     "method.slice_jobs": SliceJobsSettings,
     "method.memory_bounded": MemoryBoundedSettings,
     "runtime": RuntimeSettings,
+    "tensorize.calibration": CalibrationSettings,
 }
 
 
