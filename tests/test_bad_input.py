@@ -536,7 +536,7 @@ def test_stale_cache_offers_options_that_exist(resnet, tmp_path):
     assert "overwrite=true" in message
     assert snapshot(cache) == before
     _write(cache, other, plan, _images(), overwrite=True)  # the option named above works
-    local = yaml.safe_load(Path(CONFIG_DIR, "method", "local.yaml").read_text())
+    local = yaml.safe_load(Path(CONFIG_DIR, "method", "parts", "local_phase.yaml").read_text())
     assert local["cache"]["overwrite"] is False  # and exists in the config
 
 

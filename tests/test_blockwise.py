@@ -15,6 +15,7 @@ import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 from safetensors.torch import load_file, save_model
 from tiny_lm import small_llama
 from torch.utils.data import DataLoader
@@ -542,11 +543,15 @@ def test_hydra_stage_equals_normal_local(resnet_teacher, tmp_path, offload, init
 
 
 def test_hydra_hybrid_with_memory_bounded_is_a_clear_error(resnet_teacher, tmp_path):
+    # method=hybrid has no method.memory_bounded (configs/method/hybrid.yaml): composition
+    # refuses the override, and a node forced in with `+` is refused by the stage.
+    with pytest.raises(ConfigCompositionException, match="memory_bounded"):
+        _cfg(tmp_path, "method=hybrid", "method.memory_bounded.enabled=true")
     cfg = _cfg(
         tmp_path,
         "method=hybrid",
         f"teacher.path={resnet_teacher}",
-        "method.memory_bounded.enabled=true",
+        "+method.memory_bounded.enabled=true",
     )
     with pytest.raises(BlockwiseError, match="method=local only"):
         run_stage(cfg)

@@ -3,6 +3,7 @@ to the same configs as the former per-data-set mirror files: every key value che
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from tnexp.cli import CONFIG_DIR
+from tnexp.schema import MemoryBoundedSettings, OptimizerSettings, SliceJobsSettings
 
 # row: method, CR, data.train_subset, run_name (None: teacher/profile keep the defaults)
 ROWS: dict[str, tuple[str, float | None, int | None, str]] = {
@@ -27,6 +29,8 @@ ROWS: dict[str, tuple[str, float | None, int | None, str]] = {
 CHOSEN = {"cifar10": (1.0e-3, 16), "cifar100": (5.0e-4, 64)}
 EXCLUDE = "${tnexp.sensitive_layers:${paths.runs_dir}/${experiment_name}/profile,4}"
 RUN_DIR = "${paths.runs_dir}/${experiment_name}/${run_name}"
+# The optimizer keys a paper row leaves at their schema defaults (tnexp/schema.py).
+OPTIMIZER = dataclasses.asdict(OptimizerSettings())
 
 
 def expected(dataset: str, row: str) -> dict[str, Any]:
@@ -51,6 +55,7 @@ def expected(dataset: str, row: str) -> dict[str, Any]:
         out["method.global"] = {
             "batch_size": 128,
             "optimizer": {
+                **OPTIMIZER,
                 "name": "sgd",
                 "lr": 0.1,
                 "momentum": 0.9,
@@ -66,12 +71,16 @@ def expected(dataset: str, row: str) -> dict[str, Any]:
         out["trainer.max_epochs"] = 20
     if method in ("local", "hybrid"):
         out["method.local.batch_size"] = 8
-        out["method.local.optimizer"] = {"name": "adam", "lr": local_lr}
+        out["method.local.optimizer"] = {**OPTIMIZER, "name": "adam", "lr": local_lr}
     if method in ("global", "hybrid"):
         out["method.global.batch_size"] = global_bs
-        out["method.global.optimizer"] = {"name": "adam", "lr": 5.0e-4}
+        out["method.global.optimizer"] = {**OPTIMIZER, "name": "adam", "lr": 5.0e-4}
     if method == "hybrid":
         out["method.local_epochs"] = 5
+    # slice jobs and the memory-bounded mode: method=local only (tnexp/schema.py defaults)
+    if method == "local":
+        out["method.slice_jobs"] = dataclasses.asdict(SliceJobsSettings())
+        out["method.memory_bounded"] = dataclasses.asdict(MemoryBoundedSettings())
     return out
 
 
@@ -88,3 +97,5 @@ def test_every_cifar_paper_experiment_composes_to_its_table_row(dataset):
                 got = node._get_node(leaf)._value()  # unresolved: interpolations as written
                 got = OmegaConf.to_container(got) if OmegaConf.is_config(got) else got
                 assert got == value, f"paper/{dataset}/{row}: {key} = {got!r}, want {value!r}"
+            if ROWS[row][0] != "local":
+                assert "slice_jobs" not in cfg.method and "memory_bounded" not in cfg.method

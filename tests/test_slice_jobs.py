@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 from safetensors.torch import load_file
 from stages import FAST as BASE_FAST
 from stages import make_cfg as make_base_cfg
@@ -268,7 +269,11 @@ def test_slices_and_job_are_exclusive(tmp_path):
 
 
 def test_slice_jobs_need_local_teacher_inputs(tmp_path):
-    cfg = make_cfg(tmp_path, "method=hybrid", f"method.slice_jobs.dir={tmp_path}")
+    # method=hybrid has no method.slice_jobs (configs/method/hybrid.yaml): composition
+    # refuses the override, and a node forced in with `+` is refused by the stage.
+    with pytest.raises(ConfigCompositionException, match="slice_jobs"):
+        make_cfg(tmp_path, "method=hybrid", f"method.slice_jobs.dir={tmp_path}")
+    cfg = make_cfg(tmp_path, "method=hybrid", f"+method.slice_jobs.dir={tmp_path}")
     with pytest.raises(ValueError, match="method=local"):
         prepare_stage(cfg, run_mode="RUN", launcher=None)
     cfg = make_cfg(

@@ -8,6 +8,7 @@ traceback instead. Other exceptions are bugs and keep their traceback (exit stat
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import traceback
@@ -15,7 +16,8 @@ import traceback
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from tnexp.config import CONFIG_DIR, check_experiment_overrides
 from tnexp.errors import TnexpError
@@ -58,7 +60,8 @@ def user_error_message(err: BaseException) -> str | None:
             return f"tnexp: error: {item}"
     if isinstance(err, CompactHydraException):  # unknown config group option, bad override
         # The search path listing Hydra appends is noise for the user: the options are above.
-        return f"tnexp: error: {str(err).split('Config search path:')[0].rstrip()}"
+        message = str(err).split("Config search path:")[0].rstrip()
+        return f"tnexp: error: {message}{_config_cause(chain[1:])}"
     denied = next((c for c in chain if isinstance(c, OSError)), None)
     before_task = not _reached_task(err)
     if denied is not None and before_task:
@@ -70,6 +73,31 @@ def user_error_message(err: BaseException) -> str | None:
             "permissions)."
         )
     return None
+
+
+def _config_cause(chain: list[BaseException]) -> str:
+    """What OmegaConf found wrong behind a Hydra override error: the unknown key (with the
+    keys its node has: the structured-config schemas of tnexp/schema.py list them all) or
+    the value of the wrong type."""
+    cause = next((c for c in chain if isinstance(c, OmegaConfBaseException)), None)
+    if cause is None:
+        return ""
+    text = f"\n{(getattr(cause, 'msg', None) or str(cause)).splitlines()[0]}"
+    full_key = getattr(cause, "full_key", None)
+    if full_key:
+        text += f" (key: {full_key})"
+    if isinstance(cause, ConfigKeyError):
+        parent = getattr(cause, "parent_node", None)
+        schema = getattr(cause, "object_type", None)
+        if OmegaConf.is_dict(parent):
+            known = [str(k) for k in parent]
+        elif dataclasses.is_dataclass(schema):
+            known = [f.name for f in dataclasses.fields(schema)]
+        else:
+            known = []
+        if known:
+            text += f"; the keys there: {', '.join(known)}"
+    return text
 
 
 def _reached_task(err: BaseException) -> bool:

@@ -1,7 +1,8 @@
-"""Config-level helpers of the Hydra app: OmegaConf resolvers and experiment-name checks.
+"""Config-level helpers of the Hydra app: resolvers, schemas and experiment-name checks.
 
-Importing this module registers the resolvers (``tnexp/__init__.py`` does), so configs
-composed by ``tnexp``, by ``hydra.compose`` in tests or by notebooks resolve the same way.
+Importing this module registers the resolvers and the structured-config schemas
+(``tnexp/__init__.py`` does), so configs composed by ``tnexp``, by ``hydra.compose`` in
+tests or by notebooks resolve the same way.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from tnexp.errors import ConfigError
+from tnexp.schema import register_schemas
 
 __all__ = [
     "CONFIG_DIR",
@@ -30,6 +32,9 @@ PROFILE_FILE = "profile.json"
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 if not Path(CONFIG_DIR).is_dir():  # installed as a wheel: configs ship inside the package
     CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
+
+# The structured-config schemas the YAML files extend (``/schema/<name>``, tnexp/schema.py).
+register_schemas()
 
 
 def sensitive_layers(profile: str, k: int | str = 4) -> list[str]:

@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tnexp.errors import ConfigError
+from tnexp.schema import is_schema_default
 
 __all__ = ["ResumeConfigError", "SavedRun", "restore_config", "save_config", "saved_run"]
 
@@ -123,8 +124,11 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
         found = []
         for k in sorted(set(a) | set(b), key=str):
             key = f"{prefix}{k}"
-            if not _resumable(key):
-                found += _differences(a.get(k), b.get(k), f"{key}.")
+            if _resumable(key):
+                continue
+            if (k in a) != (k in b) and is_schema_default(key, a[k] if k in a else b[k]):
+                continue  # placed (or moved) by a schema since: its default applied anyway
+            found += _differences(a.get(k), b.get(k), f"{key}.")
         return found
     return [] if a == b else [prefix.rstrip(".")]
 

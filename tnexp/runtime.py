@@ -35,6 +35,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tnexp.errors import ConfigError
+from tnexp.schema import RuntimeSettings
 
 __all__ = [
     "ThreadChoice",
@@ -55,7 +56,7 @@ log = logging.getLogger("tnexp")
 # Per training step (forward + backward, as counted by torch's FlopCounterMode), below
 # which one thread should be as fast as two on an idle 2-core CPU. An estimate: the
 # crossover could not be measured on an idle machine yet (docs/benchmarks.md, "Threads").
-DEFAULT_TINY_STEP_GFLOP = 0.5
+DEFAULT_TINY_STEP_GFLOP = RuntimeSettings.tiny_step_gflop  # configs: runtime.tiny_step_gflop
 # A core counts as taken when other processes use at least half of it.
 _TAKEN = 0.5
 # How long the stage-start sample of the other processes' CPU use lasts.

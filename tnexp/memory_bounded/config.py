@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from tnexp.factory import TensorizeReport
+from tnexp.schema import MemoryBoundedSettings
 from tnexp.slicing import Slice, SlicePlan
 
 __all__ = [
@@ -44,16 +45,19 @@ class BlockwiseConfig:
     ``max_steps`` mean in the normal mode; every stage runs that whole schedule.
     """
 
-    offload: str = "cpu"  # cpu: teacher + activations in host memory | disk: both on disk
+    # offload, device, verify: the defaults of method.memory_bounded (tnexp/schema.py)
+    offload: str = MemoryBoundedSettings.offload  # cpu: host memory | disk: both on disk
     work_dir: str | Path | None = None  # None: a temporary directory, removed at the end
-    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    device: str = MemoryBoundedSettings.device  # auto (cuda if available) | cpu | cuda | cuda:N
     epochs: int = 1
     limit_batches: int | float | None = None
     max_steps: int | None = None
     gradient_clip_val: float | None = None  # per stage: the normal mode clips all slices
     gradient_clip_algorithm: str = "norm"
     precision: str = "32-true"  # 32-true | bf16-mixed
-    verify: bool = True  # check on one sample that the blocks form a chain (one extra pass)
+    verify: bool = (
+        MemoryBoundedSettings.verify
+    )  # check on one sample that the blocks form a chain (one extra pass)
     resume: bool = False  # reuse trained stages in work_dir written by the same setup
     assemble: bool = True  # put the trained student together at the end
     progress: bool = True

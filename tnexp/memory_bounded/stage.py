@@ -24,6 +24,7 @@ from tnexp.memory_bounded.weights import build_skeleton, export_teacher_weights
 from tnexp.modules.tensorization import LocalConfig
 from tnexp.results import Results, plain_config, run_name
 from tnexp.runtime import runtime_record
+from tnexp.schema import LocalSettings, settings_dict
 from tnexp.stages.build import (
     build,
     data_summary,
@@ -92,7 +93,7 @@ def run_memory_bounded_stage(cfg: Any) -> dict[str, Any]:
             "the memory-bounded mode resumes from its work_dir: use resume=auto (Lightning "
             ".ckpt files do not apply)."
         )
-    local = LocalConfig(**_plain(method.local))
+    local = LocalConfig(**settings_dict(method.local, LocalSettings, "method.local"))
     spec = tensorize_spec(cfg)
     skipped: list[str] = []
     # The one set-up step of every stage, so random init draws the same numbers as there.

@@ -2,29 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from tnexp.schema import OptimizerSettings
+
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
-@dataclass
-class OptimizerConfig:
-    name: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9  # sgd only
-    scheduler: str = "none"  # none | cosine
-    warmup_steps: int = 0
+class OptimizerConfig(OptimizerSettings):
+    """An optimizer and its schedule; the fields and defaults are ``OptimizerSettings``."""
 
     @classmethod
     def from_config(cls, cfg: Any) -> OptimizerConfig:
         if isinstance(cfg, cls):
             return cfg
-        data = dict(cfg or {})
+        data = dataclasses.asdict(cfg) if isinstance(cfg, OptimizerSettings) else dict(cfg or {})
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(

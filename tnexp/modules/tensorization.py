@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -24,6 +24,7 @@ from tnexp.modules.guard import DivergenceGuard, NonFiniteLossError, TrainingDiv
 from tnexp.modules.losses import attention_mask, get_distillation_loss, squared_error_sums
 from tnexp.modules.objective import TRAINABLE, LocalObjective, cached_pairs, feature_pairs
 from tnexp.modules.optim import OptimizerConfig, build_optimizer, build_scheduler
+from tnexp.schema import GlobalSettings, LocalSettings
 from tnexp.slicing import SlicePlan, first_tensor
 from tnexp.tn.mpo import MPOLinear
 from tnexp.tn.tucker import TuckerConv2d
@@ -32,17 +33,9 @@ __all__ = ["NonFiniteLossError", "TrainingDivergedError"]  # re-exported from gu
 
 
 @dataclass
-class LocalConfig:
-    """Settings of the local (slice-wise distillation) phase."""
-
-    loss: str = "mse"  # mse | normalized_mse | cosine
-    input_source: str = "teacher"  # teacher (independent slices) | student (sequential)
-    trainable: str = "slice"  # slice: every parameter in a slice | tensorized: TN cores only
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    batch_size: int | None = None
-    # Log every slice's relative output error ||Y' - Y|| / ||Y|| (teacher inputs) at each
-    # validation, so convergence is visible per slice; costs one teacher forward per batch.
-    log_slice_errors: bool = True
+class LocalConfig(LocalSettings):
+    """Settings of the local phase: ``LocalSettings`` (tnexp/schema.py, the fields and
+    defaults of ``method.local``), checked, with the optimizer as an ``OptimizerConfig``."""
 
     def __post_init__(self) -> None:
         if isinstance(self.optimizer, dict) or not isinstance(self.optimizer, OptimizerConfig):
@@ -59,9 +52,8 @@ class LocalConfig:
 
 
 @dataclass
-class GlobalConfig:
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    batch_size: int | None = None
+class GlobalConfig(GlobalSettings):
+    """Settings of a global phase: ``GlobalSettings`` (tnexp/schema.py, ``method.global``)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.optimizer, OptimizerConfig):

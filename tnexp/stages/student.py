@@ -32,7 +32,6 @@ from tnexp.calibration import (
     stats_key,
 )
 from tnexp.compensation import CompensationResult, compensate_slices
-from tnexp.config import plain
 from tnexp.factory import (
     TensorizeReport,
     TensorizeSpec,
@@ -41,6 +40,7 @@ from tnexp.factory import (
     tensorize,
 )
 from tnexp.features import teacher_fingerprint
+from tnexp.schema import CalibrationSettings, settings_dict
 from tnexp.slicing import make_slice_plan
 
 log = logging.getLogger("tnexp")
@@ -60,6 +60,15 @@ def tensorize_spec(cfg: DictConfig) -> TensorizeSpec:
     """The factory's spec from ``cfg.tensorize`` (calibration settings stay in the config)."""
     t = OmegaConf.to_container(cfg.tensorize, resolve=True)
     return TensorizeSpec.from_config({k: t[k] for k in SPEC_KEYS if k in t})
+
+
+def calibration_settings(cfg: DictConfig) -> CalibrationSettings | None:
+    """``tensorize.calibration`` (None for a tensorize config without one, e.g. ``none``)."""
+    node = cfg.tensorize.get("calibration")
+    if node is None:
+        return None
+    data = settings_dict(node, CalibrationSettings, "tensorize.calibration")
+    return CalibrationSettings(**data)
 
 
 @contextlib.contextmanager
@@ -102,8 +111,8 @@ def calibration_stats(
     """
     if not (force or needs_input_stats(spec)):
         return None
-    cal = cfg.tensorize.get("calibration") or {}
-    num_batches = int(cal.get("num_batches") or 0)
+    cal = calibration_settings(cfg)
+    num_batches = cal.num_batches if cal is not None else 0
     if num_batches <= 0:
         raise CalibrationError(
             "input statistics are needed (init whiten/als, layout auto, adaptive low-rank "
@@ -122,7 +131,7 @@ def calibration_stats(
         "layers": names,
     }
     key = stats_key(identity)
-    directory = Path(cal.get("dir") or Path(cfg.paths.cache_dir) / "calibration")
+    directory = Path(cal.dir or Path(cfg.paths.cache_dir) / "calibration")
     path = directory / f"{fingerprint[:12]}-{key}.safetensors"
     directory.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):  # concurrent slice jobs: one collects, all load
@@ -164,7 +173,8 @@ def build_student(
         task.bind_teacher(teacher)
     stats = calibration_stats(cfg, teacher, spec, datamodule, task)
     student, report = tensorize(teacher, spec, stats=stats, progress=progress)
-    if stats is not None and (cfg.tensorize.get("calibration") or {}).get("compensate"):
+    cal = calibration_settings(cfg)
+    if stats is not None and cal is not None and cal.compensate:
         compensate(cfg, teacher, student, datamodule, task)
     errors = [layer.output_error for layer in report.layers if layer.output_error is not None]
     if errors:
@@ -189,8 +199,8 @@ def compensate(
     Uses the calibration batches (the same ones as the statistics: same RNG state, then
     restored), so every run and slice job reaches the same student.
     """
-    cal = cfg.tensorize.calibration
-    plan = make_slice_plan(student, plain(cal.get("compensate_slicing") or "block"))
+    cal = calibration_settings(cfg) or CalibrationSettings()
+    plan = make_slice_plan(student, cal.compensate_slicing)
     t = cfg.tensorize
     with preserved_rng():
         result = compensate_slices(
@@ -211,6 +221,7 @@ def compensate(
 
 __all__ = [
     "build_student",
+    "calibration_settings",
     "calibration_stats",
     "compensate",
     "preserved_rng",

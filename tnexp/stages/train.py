@@ -37,6 +37,7 @@ from tnexp.modules import (
 from tnexp.results import Results, plain_config, run_name, write_failed_results
 from tnexp.rundir import run_directory_lock
 from tnexp.runtime import runtime_record
+from tnexp.schema import GlobalSettings, LocalSettings, settings_dict
 from tnexp.slice_jobs import SliceJobOutput, select_slices
 from tnexp.slicing import SlicePlan, make_slice_plan
 from tnexp.stages.build import TEACHER_FILE, Task, build, data_summary
@@ -66,6 +67,10 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
         return _run_stage_locked(cfg, out)
 
 
+def _global_config(method: DictConfig) -> GlobalConfig:
+    return GlobalConfig(**settings_dict(method["global"], GlobalSettings, "method.global"))
+
+
 def build_module(
     cfg: DictConfig,
     teacher: torch.nn.Module | None,
@@ -78,14 +83,19 @@ def build_module(
     guard = DivergenceGuard(factor=(cfg.get("guard") or {}).get("divergence_factor", 1.0e4))
     if method.name in ("pretrain", "global"):
         return GlobalFinetune(
-            student, task, global_=GlobalConfig(**plain(method["global"])), guard=guard
+            student,
+            task,
+            global_=GlobalConfig(
+                **settings_dict(method["global"], GlobalSettings, "method.global")
+            ),
+            guard=guard,
         )
     if method.name not in ("local", "hybrid"):
         raise ConfigError(f"unknown method {method.name!r}; choose one of {METHODS}.")
     if plan is None:
         plan = make_slice_plan(student, plain(method.slicing))
     plan = select_slices(plan, method)
-    local = LocalConfig(**plain(method.local))
+    local = LocalConfig(**settings_dict(method.local, LocalSettings, "method.local"))
     if method.features == "cached" and local.input_source == "student":
         raise ConfigError(
             "method.local.input_source=student needs the student's live outputs; use "
@@ -102,7 +112,7 @@ def build_module(
         plan=plan,
         local_epochs=int(method.local_epochs),
         local=local,
-        global_=GlobalConfig(**plain(method["global"])),
+        global_=_global_config(method),
         guard=guard,
     )
 
