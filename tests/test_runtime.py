@@ -170,7 +170,7 @@ def test_stages_record_their_thread_choice_and_drop_to_one_for_tiny_work(tmp_pat
         recorded = json.loads((out / "results.json").read_text())["runtime"]
         assert recorded == results["runtime"]
         assert recorded["source"] == "auto" and recorded["cores"] == 2
-        assert 0 < recorded["step_gflop"] < 0.5
+        assert 0 < recorded["step_gflop"] < 0.1
         assert recorded["threads"] == 1 == recorded["threads_in_use"]
         assert "tiny step" in recorded["reason"]
         assert recorded["data_workers"] == 0

@@ -118,7 +118,7 @@ class RuntimeSettings:
     threads: Any = "auto"
     # auto: a training step below this many GFLOP (forward+backward, counted on the first
     # step) runs on 1 thread (docs/benchmarks.md, "Threads").
-    tiny_step_gflop: float = 0.5
+    tiny_step_gflop: float = 0.1
 
 
 @dataclass
