@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from tnexp.console import work_bar
 from tnexp.integrity import atomic_write_bytes, tensor_checksum
 from tnexp.tn.errors import TensorizationError
 from tnexp.tn.mpo import is_hf_conv1d
@@ -301,13 +302,11 @@ def collect_input_stats(
         teacher.to(device)
     seen = 0
     iterator = iter(batches)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=num_batches, desc="calibration", leave=False)
     try:
-        with GramAccumulator(teacher, layer_names) as acc:
+        with (
+            GramAccumulator(teacher, layer_names) as acc,
+            work_bar(progress, num_batches, "calibration") as advance,
+        ):
             for batch in iterator:
                 if seen >= num_batches:
                     break
@@ -322,11 +321,8 @@ def collect_input_stats(
                     pass
                 acc.end_batch()
                 seen += 1
-                if bar is not None:
-                    bar.update(1)
+                advance()
     finally:
-        if bar is not None:
-            bar.close()
         teacher.train(was_training)
         teacher.to(home)
     if seen == 0:

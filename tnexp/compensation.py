@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from tnexp.calibration import layer_input_rows
+from tnexp.console import work_bar
 from tnexp.features import FeatureCapture, to_device
 from tnexp.slicing import SlicePlan
 from tnexp.tn.datainit import (
@@ -321,48 +322,52 @@ def _accumulate(
     """Student/teacher input Gram sums of each slice's ``groups`` layers (one shared input)."""
     sums = {s: _Sums() for s in groups}
     capture = FeatureCapture(teacher, plan, stop_after_last=True)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(batches), desc=f"compensation stage {stage}", leave=False)
-    for batch in batches:
-        rows_t: dict[str, torch.Tensor] = {}
-        outputs: dict[str, torch.Tensor] = {}
-        handles = [
-            _row_hook(teacher, names[0], rows_t, s, teacher.get_submodule(names[0]))
-            for s, names in groups.items()
-        ]
-        handles += [
-            _output_hook(teacher, name, outputs) for names in groups.values() for name in names
-        ]
-        try:
-            features = capture(to_device(model_inputs(batch), device))
-        finally:
-            for handle in handles:
-                handle.remove()
-        for slice_name, names in groups.items():
-            rows_s: dict[str, torch.Tensor] = {}
-            handle = _row_hook(
-                student, names[0], rows_s, slice_name, teacher.get_submodule(names[0])
-            )
-            try:
-                f = features[slice_name]
-                plan[slice_name].forward(student, f.input, **f.kwargs)
-            finally:
-                handle.remove()
-            if slice_name not in rows_t or slice_name not in rows_s:
-                raise TensorizationError(
-                    f"{names[0]} did not run in slice {slice_name!r}; cannot compensate it."
-                )
-            sums[slice_name].add(
-                rows_s[slice_name], rows_t[slice_name], {n: outputs[n] for n in names}
-            )
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+    with work_bar(progress, len(batches), f"compensation stage {stage}") as advance:
+        for batch in batches:
+            _accumulate_batch(teacher, student, plan, groups, batch, model_inputs, device,
+                              capture, sums)  # fmt: skip
+            advance()
     return sums
+
+
+def _accumulate_batch(
+    teacher: nn.Module,
+    student: nn.Module,
+    plan: SlicePlan,
+    groups: dict[str, list[str]],
+    batch: Any,
+    model_inputs: Callable[[Any], Any],
+    device: torch.device,
+    capture: FeatureCapture,
+    sums: dict[str, _Sums],
+) -> None:
+    """One calibration batch into ``sums``: teacher layer inputs and outputs, then each
+    slice's student inputs from the teacher's slice input."""
+    rows_t: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    handles = [
+        _row_hook(teacher, names[0], rows_t, s, teacher.get_submodule(names[0]))
+        for s, names in groups.items()
+    ]
+    handles += [_output_hook(teacher, name, outputs) for names in groups.values() for name in names]
+    try:
+        features = capture(to_device(model_inputs(batch), device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    for slice_name, names in groups.items():
+        rows_s: dict[str, torch.Tensor] = {}
+        handle = _row_hook(student, names[0], rows_s, slice_name, teacher.get_submodule(names[0]))
+        try:
+            f = features[slice_name]
+            plan[slice_name].forward(student, f.input, **f.kwargs)
+        finally:
+            handle.remove()
+        if slice_name not in rows_t or slice_name not in rows_s:
+            raise TensorizationError(
+                f"{names[0]} did not run in slice {slice_name!r}; cannot compensate it."
+            )
+        sums[slice_name].add(rows_s[slice_name], rows_t[slice_name], {n: outputs[n] for n in names})
 
 
 def _row_hook(

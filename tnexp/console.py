@@ -11,14 +11,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
 
-__all__ = ["EpochLog", "console", "progress_callbacks", "setup_output"]
+__all__ = ["EpochLog", "console", "progress_callbacks", "setup_output", "work_bar"]
 
 log = logging.getLogger("tnexp")
 
@@ -122,3 +124,22 @@ def progress_callbacks(kind: str) -> list[L.Callback]:
     if kind == "log":
         return [EpochLog()]
     return []
+
+
+@contextlib.contextmanager
+def work_bar(enabled: bool, total: int, description: str) -> Iterator[Callable[[], None]]:
+    """A tqdm bar over ``total`` steps of work outside a Trainer (calibration, analyses).
+
+    Yields the function that advances it by one step; a no-op when ``enabled`` is false.
+    The bar is closed even when the work raises.
+    """
+    if not enabled:
+        yield lambda: None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=description, leave=False)
+    try:
+        yield lambda: bar.update(1)
+    finally:
+        bar.close()

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from tnexp.analysis.report import new_figure
+from tnexp.console import work_bar
 from tnexp.features import FeatureCapture
 from tnexp.integrity import atomic_write_json
 from tnexp.slicing import SlicePlan
@@ -148,25 +149,22 @@ def propagation_errors(
     student_capture = FeatureCapture(student, plan, stop_after_last=True)
     seen = 0
     iterator = iter(batches)
-    bar = _progress(progress, num_batches, "error propagation")
     try:
-        while seen < num_batches:
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                break
-            inputs = model_inputs(batch)
-            taught, own = teacher_capture(inputs), student_capture(inputs)
-            for piece in plan:
-                t, s = taught[piece.name], own[piece.name]
-                alone = piece.forward(student, t.input, **t.kwargs)
-                sums[piece.name].add(t.input, s.input, t.output, alone, s.output)
-            seen += 1
-            if bar is not None:
-                bar.update(1)
+        with work_bar(progress, num_batches, "error propagation") as advance:
+            while seen < num_batches:
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    break
+                inputs = model_inputs(batch)
+                taught, own = teacher_capture(inputs), student_capture(inputs)
+                for piece in plan:
+                    t, s = taught[piece.name], own[piece.name]
+                    alone = piece.forward(student, t.input, **t.kwargs)
+                    sums[piece.name].add(t.input, s.input, t.output, alone, s.output)
+                seen += 1
+                advance()
     finally:
-        if bar is not None:
-            bar.close()
         teacher.train(was[0]), student.train(was[1])
     if seen == 0:
         raise ValueError("no batch to measure error propagation on: the data loader is empty.")
@@ -213,31 +211,18 @@ def progressive_replacement(
         raise ValueError(f"slices {unknown} are not in the plan ({', '.join(plan.names())}).")
     hybrid = copy.deepcopy(teacher).eval()
     steps = [ReplacementStep(0, None, float(evaluate(hybrid)))]
-    bar = _progress(progress, len(names), "progressive replacement")
-    try:
+    with work_bar(progress, len(names), "progressive replacement") as advance:
         for k, name in enumerate(names, start=1):
             for path in plan[name].paths:
                 _set_submodule(hybrid, path, student.get_submodule(path))
             steps.append(ReplacementStep(k, name, float(evaluate(hybrid))))
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+            advance()
     return steps
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, child = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)
-
-
-def _progress(enabled: bool, total: int, what: str) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=what, leave=False)
 
 
 # --------------------------------------------------------------------------- outputs
