@@ -125,6 +125,84 @@ def test_tucker_gradients_reach_every_factor():
 
 
 # ---------------------------------------------------------------- rank solvers
+@pytest.mark.parametrize("kwargs", [dict(padding=1, bias=True), dict(stride=2, padding=1)])
+def test_tucker_paths_same_output_and_gradients(kwargs):
+    conv = nn.Conv2d(6, 10, 3, **kwargs).double()
+    tucker = TuckerConv2d.from_conv(conv, ranks=(4, 3))
+    x = torch.randn(2, 6, 9, 9, dtype=torch.float64, requires_grad=True)
+    results = {}
+    for order in ("factored", "merged"):
+        tucker.order = order
+        tucker.zero_grad()
+        x.grad = None
+        out = tucker(x)
+        assert tucker.last_order == order
+        out.sin().sum().backward()
+        grads = [p.grad.clone() for p in tucker.parameters()] + [x.grad.clone()]
+        assert all(g.abs().sum() > 0 for g in grads)
+        results[order] = (out.detach(), grads)
+    torch.testing.assert_close(results["merged"][0], results["factored"][0])
+    for a, b in zip(results["merged"][1], results["factored"][1], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_tucker_auto_order_timed_once_per_shape(monkeypatch):
+    import tnexp.tn.tucker as tucker_mod
+
+    calls = []
+
+    def fake_fastest(paths, x, params, *, grad):
+        calls.append((tuple(x.shape), grad))
+        return "merged", {name: 1.0 for name in paths}
+
+    monkeypatch.setattr(tucker_mod, "fastest_path", fake_fastest)
+    tucker = TuckerConv2d.from_conv(nn.Conv2d(8, 8, 3, padding=1), cr=0.5)
+    x = torch.randn(2, 8, 6, 6)
+    for _ in range(3):
+        tucker(x).sum().backward()
+    assert calls == [((2, 8, 6, 6), True)]
+    assert tucker.last_order == "merged"
+    with torch.no_grad():
+        tucker(x)  # inference is a separate key: timed once more
+        tucker(x)
+    tucker(torch.randn(1, 8, 6, 6))
+    assert len(calls) == 3
+    assert set(tucker.cached_orders().values()) == {"merged"}
+
+
+def test_tucker_forced_order_and_flop_fallback(monkeypatch):
+    import tnexp.tn.tucker as tucker_mod
+
+    def never(*args, **kwargs):
+        raise AssertionError("a forced order or calibrate=False must not time anything")
+
+    monkeypatch.setattr(tucker_mod, "fastest_path", never)
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    x = torch.randn(2, 16, 8, 8)
+    for order in ("factored", "merged"):
+        layer = TuckerConv2d.from_conv(conv, cr=0.5, order=order)
+        layer(x)
+        assert layer.last_order == order and not layer.cached_orders()
+    # FLOPs: at CR 0.5 the factored path is cheaper; at full ranks the merged one.
+    x = torch.randn(4, 16, 16, 16)
+    for ranks, expected in (((5, 5), "factored"), ((16, 16), "merged")):
+        layer = TuckerConv2d.from_conv(conv, ranks=ranks, calibrate=False)
+        costs = layer.costs(x.shape)
+        layer(x)
+        assert layer.last_order == expected == min(costs, key=costs.get)
+    with pytest.raises(TensorizationError, match="Tucker order"):
+        TuckerConv2d.from_conv(conv, cr=0.5, order="fused")
+
+
+def test_tucker_timing_picks_a_path_and_merge_export_unchanged():
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    tucker = TuckerConv2d.from_conv(conv, cr=0.5)
+    x = torch.randn(2, 8, 6, 6)
+    out = tucker(x)
+    assert tucker.last_order in ("factored", "merged")
+    torch.testing.assert_close(tucker.to_conv()(x), out, atol=1e-5, rtol=1e-5)
+
+
 def test_tucker_ranks_hit_cr():
     for c_out, c_in in [(64, 64), (128, 64), (256, 256), (512, 512)]:
         for cr in (0.5, 0.7):

@@ -2,12 +2,19 @@
 
 ``W[o, i, h, w] = sum_{a, b} U_out[o, a] C[a, b, h, w] U_in[i, b]`` runs as three
 convolutions: 1x1 ``c_in -> r_in`` (``U_in^T``), the kxk core ``r_in -> r_out`` carrying
-stride, padding and dilation, and 1x1 ``r_out -> c_out`` (``U_out``) carrying the bias.
+stride, padding and dilation, and 1x1 ``r_out -> c_out`` (``U_out``) carrying the bias
+(``factored``), or as one kxk convolution with the kernel reconstructed from the factors
+(``merged``; differentiable, so training works in both). At small channel counts the two
+1x1 convolutions are bound by memory traffic and the merged kernel is as fast or faster
+although it costs more FLOPs. ``order="auto"`` times both once per input shape (dtype,
+device, gradient mode) and caches the quicker one; with ``calibrate=False`` (or while
+tracing/compiling) it picks by FLOPs instead (:meth:`TuckerConv2d.costs`).
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Literal
 
@@ -16,6 +23,10 @@ from torch import nn
 
 from tnexp.tn.errors import TensorizationError
 from tnexp.tn.ranks import tucker2_ranks_for_cr
+from tnexp.tn.timing import fastest_path, timing_allowed
+
+TuckerOrder = Literal["auto", "factored", "merged"]
+TUCKER_ORDERS: tuple[str, ...] = ("auto", "factored", "merged")
 
 
 def _leading_left_singular(mat: torch.Tensor, rank: int) -> torch.Tensor:
@@ -71,8 +82,22 @@ def tucker2_decompose(
     return core.to(dtype), u_out.to(dtype), u_in.to(dtype)
 
 
+def check_tucker_order(order: str) -> str:
+    if order not in TUCKER_ORDERS:
+        raise TensorizationError(
+            f"Tucker order must be one of {TUCKER_ORDERS}, got {order!r} (auto: timed per "
+            "input shape; factored: 1x1 -> kxk -> 1x1; merged: one conv, rebuilt kernel)."
+        )
+    return order
+
+
 class TuckerConv2d(nn.Module):
-    """Tucker-2 factorised ``nn.Conv2d`` (1x1 -> kxk core -> 1x1). Build with :meth:`from_conv`."""
+    """Tucker-2 factorised ``nn.Conv2d`` (1x1 -> kxk core -> 1x1). Build with :meth:`from_conv`.
+
+    ``order`` selects the execution path (``auto`` | ``factored`` | ``merged``, see the
+    module docstring); ``calibrate`` lets ``auto`` time the two paths once per input shape
+    (else FLOPs decide). ``last_order`` is the path the latest forward ran.
+    """
 
     def __init__(
         self,
@@ -86,10 +111,17 @@ class TuckerConv2d(nn.Module):
         dilation: Sequence[int] = (1, 1),
         padding_mode: str = "zeros",
         bias: bool = True,
+        order: str = "auto",
+        calibrate: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
+        self.order = check_tucker_order(order)
+        self.calibrate = bool(calibrate)
+        self.last_order: str | None = None
+        # (shape, dtype, device, grad) -> the path auto runs (bounded, like the MPO planner).
+        self._order_cache: OrderedDict[tuple, str] = OrderedDict()
         r_out, r_in = (int(r) for r in ranks)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = tuple(kernel_size)
@@ -118,6 +150,8 @@ class TuckerConv2d(nn.Module):
         ranks: Sequence[int] | None = None,
         init: Literal["svd", "random"] = "svd",
         method: Literal["hosvd", "hooi"] = "hosvd",
+        order: str = "auto",
+        calibrate: bool = True,
         name: str = "conv",
     ) -> TuckerConv2d:
         """Tucker-2 replacement of ``conv`` at a CR or explicit ranks ``(r_out, r_in)``.
@@ -160,6 +194,8 @@ class TuckerConv2d(nn.Module):
             dilation=conv.dilation,
             padding_mode=conv.padding_mode,
             bias=conv.bias is not None,
+            order=order,
+            calibrate=calibrate,
             device=weight.device,
             dtype=weight.dtype,
         )
@@ -211,13 +247,86 @@ class TuckerConv2d(nn.Module):
                 conv.bias.copy_(self.last.bias)
         return conv
 
+    # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        order = self.order
+        if order == "auto":
+            order = self._auto_order(x)
+        self.last_order = order
+        return self._run(x, order)
+
+    def _run(self, x: torch.Tensor, order: str) -> torch.Tensor:
+        if order == "merged":
+            return self.core._conv_forward(x, self.to_dense(), self.last.bias)
         return self.last(self.core(self.first(x)))
+
+    def _auto_order(self, x: torch.Tensor) -> str:
+        grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+        key = (tuple(x.shape), x.dtype, x.device, grad)
+        cached = self._order_cache.get(key)
+        if cached is not None:
+            self._order_cache.move_to_end(key)
+            return cached
+        if self.calibrate and timing_allowed(x):
+            paths = {o: (lambda t, o=o: self._run(t, o)) for o in ("factored", "merged")}
+            order, _ = fastest_path(paths, x, list(self.parameters()), grad=grad)
+        else:
+            costs = self.costs(tuple(x.shape), grad=grad)
+            order = min(costs, key=costs.__getitem__)
+        self._order_cache[key] = order
+        if len(self._order_cache) > 64:  # image sizes may vary; keep the cache bounded
+            self._order_cache.popitem(last=False)
+        return order
+
+    def cached_orders(self) -> dict[tuple, str]:
+        """The path ``auto`` chose per (input shape, dtype, device, grad) so far."""
+        return dict(self._order_cache)
+
+    def costs(self, input_shape: Sequence[int], *, grad: bool = True) -> dict[str, int]:
+        """FLOPs of the ``factored`` and ``merged`` paths for an ``(N, C, H, W)`` input.
+
+        A convolution's backward costs about twice its forward (input and weight
+        gradients); the merged kernel's reconstruction runs once per call, and its
+        backward is counted the same way.
+        """
+        n, _, h, w = (int(d) for d in input_shape)
+        out_h, out_w = self._output_size(h, w)
+        kh, kw = self.kernel_size
+        r_out, r_in = self.ranks
+        c_in, c_out = self.in_channels, self.out_channels
+        pixels_in, pixels_out = n * h * w, n * out_h * out_w
+        factored = 2 * (
+            pixels_in * c_in * r_in + pixels_out * (r_in * r_out * kh * kw + r_out * c_out)
+        )
+        rebuild = 2 * kh * kw * r_in * (c_out * r_out + c_out * c_in)
+        merged = rebuild + 2 * pixels_out * c_out * c_in * kh * kw
+        scale = 3 if grad else 1
+        return {"factored": scale * factored, "merged": scale * merged}
+
+    def _output_size(self, h: int, w: int) -> tuple[int, int]:
+        padding = self.core.padding
+        if isinstance(padding, str):  # "same" keeps the size (stride 1), "valid" pads none
+            if padding == "same":
+                return h, w
+            padding = (0, 0)
+        sizes = []
+        for size, k, s, p, d in zip(
+            (h, w),
+            self.kernel_size,
+            self.core.stride,
+            padding,
+            self.core.dilation,
+            strict=True,
+        ):
+            sizes.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
+        return sizes[0], sizes[1]
 
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}->{self.out_channels}, kernel={self.kernel_size}, "
-            f"ranks(out, in)={self.ranks}"
+            f"ranks(out, in)={self.ranks}, order={self.order}"
         )
 
 

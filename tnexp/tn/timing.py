@@ -1,0 +1,78 @@
+"""Timing a layer's alternative execution paths once per input shape (order calibration).
+
+The tensorized layers can compute the same output in several ways (a Tucker-2 conv as three
+convolutions or as one conv with the reconstructed kernel; an MPO core-by-core or through its
+dense weight). FLOP counts pick a path without running anything, but they mislead where a
+path is bound by memory traffic or kernel launches (small 1x1 convolutions, one-token GEMVs).
+:func:`fastest_path` runs each candidate on the real input, forward and, when gradients are
+needed, backward, and returns the quickest; the layers cache that choice per input shape.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+# Samples per candidate after one warm-up call; the minimum is kept (the least disturbed
+# sample of a shared machine), and candidates take turns so drifts hit all of them alike.
+TIMING_REPEATS = 3
+
+
+def timing_allowed(x: torch.Tensor) -> bool:
+    """False while tracing, compiling or capturing a CUDA graph (only cached or FLOP choices)."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return False
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and compiler.is_compiling():
+        return False
+    if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return not x.is_meta
+
+
+def fastest_path(
+    paths: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
+    x: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    *,
+    grad: bool,
+    repeats: int = TIMING_REPEATS,
+) -> tuple[str, dict[str, float]]:
+    """The name of the quickest of ``paths`` on ``x`` and every path's time in seconds.
+
+    With ``grad`` each sample is a forward plus ``torch.autograd.grad`` of the output with
+    respect to ``params`` (and ``x`` when it requires grad), so nothing accumulates into
+    ``.grad``; without, a forward under ``torch.no_grad()``.
+    """
+    if not paths:
+        raise ValueError("fastest_path needs at least one path.")
+    sample = x.detach().requires_grad_(grad and x.requires_grad)
+    targets = [p for p in params if p.requires_grad]
+    if sample.requires_grad:
+        targets.append(sample)
+    grad = grad and bool(targets)
+
+    def run(fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if grad:
+            with torch.enable_grad():
+                out = fn(sample)
+                torch.autograd.grad(out, targets, torch.ones_like(out), allow_unused=True)
+        else:
+            with torch.no_grad():
+                fn(sample)
+
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    names = list(paths)
+    best = dict.fromkeys(names, float("inf"))
+    for name in names:  # warm-up (allocator, kernel selection)
+        run(paths[name])
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            sync()
+            start = time.perf_counter()
+            run(paths[name])
+            sync()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return min(best, key=best.__getitem__), best
