@@ -13,6 +13,7 @@ from tnexp.factory import (
     merge_for_inference,
     save_tensorized,
     set_contraction,
+    set_tucker_order,
     tensorize,
     tensorized_modules,
 )
@@ -181,6 +182,36 @@ def test_contraction_override_and_merge():
     merge_for_inference(student)
     with torch.no_grad():
         torch.testing.assert_close(student(ids).logits, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_tucker_order_and_order_timing_from_the_spec():
+    teacher = small_resnet(width=8, num_classes=10)
+    spec = {**RESNET_SPEC, "tucker_order": "merged", "order_timing": "off"}
+    student, _ = tensorize(teacher, spec)
+    tuckers = [m for m in student.modules() if isinstance(m, TuckerConv2d)]
+    assert tuckers and all(m.order == "merged" and not m.calibrate for m in tuckers)
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        ref = student(x)
+    assert {m.last_order for m in tuckers} == {"merged"}
+    set_tucker_order(student, "factored")
+    with torch.no_grad():
+        torch.testing.assert_close(student(x), ref, atol=1e-5, rtol=1e-4)
+    assert {m.last_order for m in tuckers} == {"factored"}
+    with pytest.raises(TensorizationError, match="Tucker order"):
+        set_tucker_order(student, "fused")
+    gpt, _ = tensorize(
+        small_gpt2(n_embd=48, vocab_size=101),
+        {"rules": [{"pattern": "transformer.h.*.mlp.c_*", "cr": 0.5}], "order_timing": "all"},
+    )
+    assert all(m.calibrate for m in gpt.modules() if isinstance(m, MPOLinear))
+    default, _ = tensorize(teacher, RESNET_SPEC)
+    assert all(
+        m.order == "auto" and m.calibrate for m in default.modules() if isinstance(m, TuckerConv2d)
+    )
+    for key, value in (("tucker_order", "fused"), ("order_timing", "always")):
+        with pytest.raises(TensorizationError, match=key):
+            tensorize(teacher, {**RESNET_SPEC, key: value})
 
 
 @pytest.mark.parametrize(

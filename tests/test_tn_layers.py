@@ -355,6 +355,43 @@ def test_auto_order_depends_on_tokens():
     assert min(costs_big, key=costs_big.get) == "dense"
 
 
+def test_mpo_calibrated_auto_times_once_per_token_count(monkeypatch):
+    import tnexp.tn.mpo as mpo_mod
+
+    calls = []
+
+    def fake_fastest(paths, x, params, *, grad):
+        calls.append((x.shape[0], grad, sorted(paths)))
+        return "right_to_left", {name: 1.0 for name in paths}
+
+    monkeypatch.setattr(mpo_mod, "fastest_path", fake_fastest)
+    mpo = MPOLinear.from_linear(nn.Linear(64, 48), cr=0.3, calibrate=True)
+    x = torch.randn(2, 5, 64)
+    for _ in range(3):
+        mpo(x).sum().backward()
+    assert mpo.last_order == "right_to_left"  # the timed winner, not the FLOP choice
+    assert len(calls) == 1 and calls[0][:2] == (10, True)
+    assert "right_to_left" in calls[0][2]
+    mpo(torch.randn(7, 64))
+    assert len(calls) == 2 and set(mpo.timed_orders().values()) == {"right_to_left"}
+    # A forced order is honoured and never timed.
+    for order in ("dense", "left_to_right"):
+        mpo(x, order=order)
+        assert mpo.last_order == order
+    assert len(calls) == 2
+
+
+def test_mpo_calibrated_auto_real_timing_same_output():
+    layer = nn.Linear(64, 48).double()
+    timed = MPOLinear.from_linear(layer, cr=0.3, calibrate=True)
+    plain = MPOLinear.from_linear(layer, cr=0.3)
+    x = torch.randn(6, 64, dtype=torch.float64)
+    torch.testing.assert_close(timed(x), plain(x))
+    assert timed.last_order in CONTRACTION_ORDERS
+    assert list(timed.timed_orders().values()) == [timed.last_order]
+    assert plain.timed_orders() == {}
+
+
 def test_merge_for_inference():
     layer = nn.Linear(32, 32)
     mpo = MPOLinear.from_linear(layer, cr=0.5)

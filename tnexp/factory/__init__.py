@@ -14,6 +14,7 @@ from tnexp.factory.build import (
     merge_for_inference,
     needs_input_stats,
     set_contraction,
+    set_tucker_order,
     tensorize,
     tensorized_modules,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "rule_from_config",
     "save_tensorized",
     "set_contraction",
+    "set_tucker_order",
     "solve_overall_cr",
     "supported_kind",
     "tensorize",

@@ -47,7 +47,7 @@ from tnexp.tn.ranks import (
     mpo_bonds,
     mpo_max_bonds,
 )
-from tnexp.tn.tucker import TuckerConv2d
+from tnexp.tn.tucker import TuckerConv2d, check_tucker_order
 
 
 # =========================================================================== tensorize
@@ -104,6 +104,8 @@ def _build_layer(
             ranks=size["ranks"],
             init="svd" if init in ("als", "hooi") else init,
             method="hooi" if init == "hooi" else "hosvd",
+            order=spec.tucker_order,
+            calibrate=spec.order_timing != "off",
             name=item.name,
         )
         if init == "als":
@@ -129,6 +131,7 @@ def _build_layer(
             out_factors=item.out_factors,
             init=init,
             contraction=spec.contraction,
+            calibrate=spec.order_timing == "all",
             name=item.name,
         )
         return layer, info
@@ -140,6 +143,7 @@ def _build_layer(
         in_factors=item.in_factors,
         out_factors=item.out_factors,
         contraction=spec.contraction,
+        calibrate=spec.order_timing == "all",
     )
     if input_on_first_site(item.in_factors):
         # Exact minimiser for this layout; ALS would only confirm it.
@@ -326,6 +330,8 @@ def tensorize(
         overall_cr_target=spec.overall_cr,
         per_layer_cr=per_layer_cr,
         contraction=spec.contraction,
+        tucker_order=spec.tucker_order,
+        order_timing=spec.order_timing,
         allocation=spec.allocation,
         rules=[r.pattern for r in spec.rules],
     )
@@ -344,6 +350,14 @@ def set_contraction(model: nn.Module, order: str) -> None:
     for module in model.modules():
         if isinstance(module, MPOLinear):
             module.contraction = order
+
+
+def set_tucker_order(model: nn.Module, order: str) -> None:
+    """Force (or reset to 'auto') the execution path of every TuckerConv2d."""
+    check_tucker_order(order)
+    for module in model.modules():
+        if isinstance(module, TuckerConv2d):
+            module.order = order
 
 
 def merge_for_inference(model: nn.Module) -> None:

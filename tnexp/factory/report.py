@@ -91,6 +91,8 @@ class TensorizeReport:
     contraction: str = "auto"
     allocation: str = "uniform"
     rules: list[str] = field(default_factory=list)  # the spec's patterns, in order
+    tucker_order: str = "auto"
+    order_timing: str = "tucker"
 
     def rule_matches(self) -> list[RuleMatch]:
         """Per rule (spec order): the number of layers it selected and their kinds/shapes."""
@@ -129,7 +131,12 @@ class TensorizeReport:
             TensorizeRule(pattern=layer.name, init="random", **_rule_kwargs(layer))
             for layer in self.layers
         ]
-        return TensorizeSpec(rules=rules, contraction=self.contraction)
+        return TensorizeSpec(
+            rules=rules,
+            contraction=self.contraction,
+            tucker_order=self.tucker_order,
+            order_timing=self.order_timing,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -146,6 +153,8 @@ class TensorizeReport:
                 "per_layer_cr": self.per_layer_cr,
             },
             "contraction": self.contraction,
+            "tucker_order": self.tucker_order,
+            "order_timing": self.order_timing,
             "allocation": self.allocation,
             "rules": [dataclasses.asdict(m) for m in self.rule_matches()],
         }
@@ -164,6 +173,8 @@ class TensorizeReport:
             overall_cr_target=totals.get("overall_cr_target"),
             per_layer_cr=totals.get("per_layer_cr"),
             contraction=data.get("contraction", "auto"),
+            tucker_order=data.get("tucker_order", "auto"),
+            order_timing=data.get("order_timing", "tucker"),
             allocation=data.get("allocation", "uniform"),
             rules=[r["pattern"] for r in data.get("rules", [])],
         )

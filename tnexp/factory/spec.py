@@ -18,6 +18,7 @@ from tnexp.tn.mpo import (
 from tnexp.tn.ranks import (
     check_cr,
 )
+from tnexp.tn.tucker import TUCKER_ORDERS
 
 METHODS = ("auto", "tucker", "mpo")
 # svd: HOSVD (Tucker-2, paper eq. 13-15) / TT-SVD (MPO), the default: one pass, the
@@ -91,6 +92,9 @@ class TensorizeRule:
         return self.ranks is not None or self.bond_dim is not None
 
 
+ORDER_TIMINGS: tuple[str, ...] = ("off", "tucker", "all")
+
+
 @dataclass
 class TensorizeSpec:
     """Rules (first match wins), exclusions, and an optional whole-model CR target.
@@ -104,6 +108,12 @@ class TensorizeSpec:
     exclude: list[str] = field(default_factory=list)
     overall_cr: float | None = None
     contraction: str = "auto"
+    # TuckerConv2d path: auto (per input shape) | factored (1x1 -> kxk -> 1x1) | merged
+    # (one conv with the kernel rebuilt from the factors).
+    tucker_order: str = "auto"
+    # Which auto choices are timed once per input shape instead of taken from FLOPs:
+    # tucker (default) | all (Tucker and the MPO contraction order) | off.
+    order_timing: str = "tucker"
     # uniform: one per-layer CR; adaptive: per-layer ranks that minimise the summed
     # relative output error under the overall_cr budget (2-site MPO layers).
     allocation: str = "uniform"
@@ -132,6 +142,15 @@ class TensorizeSpec:
         if self.contraction not in CONTRACTION_ORDERS:
             raise TensorizationError(
                 f"contraction must be one of {CONTRACTION_ORDERS}, got {self.contraction!r}."
+            )
+        if self.tucker_order not in TUCKER_ORDERS:
+            raise TensorizationError(
+                f"tucker_order must be one of {TUCKER_ORDERS}, got {self.tucker_order!r}."
+            )
+        if self.order_timing not in ORDER_TIMINGS:
+            raise TensorizationError(
+                f"order_timing must be one of {ORDER_TIMINGS}, got {self.order_timing!r} "
+                "(tucker: time TuckerConv2d's auto path; all: also the MPO order; off: FLOPs)."
             )
         if self.overall_cr is not None:
             self.overall_cr = check_cr(self.overall_cr, what="overall_cr")

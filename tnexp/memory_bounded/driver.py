@@ -105,6 +105,8 @@ def _stage_spec(spec: TensorizeSpec, shell: nn.Module, per_layer_cr: float | Non
         exclude=[e for e in spec.exclude if used(e)],
         overall_cr=None,
         contraction=spec.contraction,
+        tucker_order=spec.tucker_order,
+        order_timing=spec.order_timing,
     )
 
 
@@ -432,6 +434,8 @@ def distill_blockwise(
             overall_cr_target=spec.overall_cr,
             per_layer_cr=per_layer_cr,
             contraction=spec.contraction,
+            tucker_order=spec.tucker_order,
+            order_timing=spec.order_timing,
         )
 
     def assemble() -> nn.Module:

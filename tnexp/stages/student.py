@@ -49,6 +49,8 @@ SPEC_KEYS = (
     "exclude",
     "overall_cr",
     "contraction",
+    "tucker_order",
+    "order_timing",
     "allocation",
     "damping",
     "als_sweeps",

@@ -8,6 +8,9 @@ is a chain of cores ``G_k`` of shape ``(D_{k-1}, i_k, o_k, D_k)`` with ``D_0 = D
 The forward pass contracts the input with the cores in the order that is cheapest for the
 actual number of tokens (see :class:`ContractionPlanner`): rebuilding the dense weight costs
 a fixed amount per step and wins for large batches, core-by-core wins for a few tokens.
+FLOPs can mislead (memory-bound GEMVs, a loaded machine): with ``calibrate=True`` the
+``auto`` order is instead the quickest of the plausible orders, timed once per token count
+(dtype, device, gradient mode) and cached (:mod:`tnexp.tn.timing`).
 """
 
 from __future__ import annotations
@@ -30,9 +33,13 @@ from tnexp.tn.ranks import (
     mpo_bonds,
     mpo_max_bonds,
 )
+from tnexp.tn.timing import fastest_path, timing_allowed
 
 ContractionOrder = Literal["auto", "dense", "left_to_right", "right_to_left", "optimal"]
 CONTRACTION_ORDERS: tuple[str, ...] = ("auto", "dense", "left_to_right", "right_to_left", "optimal")
+# A calibrated ``auto`` times only orders within this factor of the fewest FLOPs (the FLOP
+# model is off by well under this; the rest would only lengthen the first call).
+TIMED_FLOP_RATIO = 8.0
 
 
 def is_hf_conv1d(layer: nn.Module) -> bool:
@@ -197,6 +204,7 @@ class MPOLinear(nn.Module):
         bias: bool = True,
         weight_layout: Literal["linear", "conv1d"] = "linear",
         contraction: str = "auto",
+        calibrate: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
@@ -216,6 +224,9 @@ class MPOLinear(nn.Module):
         self.bonds = mpo_bonds(self.in_factors, self.out_factors, self.bond_dim)
         self.weight_layout = weight_layout
         self.contraction = contraction
+        # auto by timing once per (tokens, dtype, device, grad) instead of by FLOPs.
+        self.calibrate = bool(calibrate)
+        self._timed_orders: OrderedDict[tuple, str] = OrderedDict()
         full = [1, *self.bonds, 1]
         self.cores = nn.ParameterList(
             nn.Parameter(torch.empty(full[k], i, o, full[k + 1], device=device, dtype=dtype))
@@ -247,6 +258,7 @@ class MPOLinear(nn.Module):
         out_factors: Sequence[int] | None = None,
         init: Literal["svd", "random"] = "svd",
         contraction: str = "auto",
+        calibrate: bool = False,
         name: str = "linear",
     ) -> MPOLinear:
         """Replace ``nn.Linear`` / HF ``Conv1D`` by an MPO at a CR or an explicit bond dimension.
@@ -296,6 +308,7 @@ class MPOLinear(nn.Module):
             bias=has_bias,
             weight_layout=layout,
             contraction=contraction,
+            calibrate=calibrate,
             device=weight.device,
             dtype=weight.dtype,
         )
@@ -321,6 +334,7 @@ class MPOLinear(nn.Module):
         in_factors: Sequence[int],
         out_factors: Sequence[int],
         contraction: str = "auto",
+        calibrate: bool = False,
     ) -> MPOLinear:
         """An uninitialised MPO shaped to replace ``layer`` (bias copied); fill with set_cores.
 
@@ -335,6 +349,7 @@ class MPOLinear(nn.Module):
             bias=has_bias,
             weight_layout="conv1d" if is_hf_conv1d(layer) else "linear",
             contraction=contraction,
+            calibrate=calibrate,
             device=weight.device,
             dtype=weight.dtype,
         )
@@ -398,16 +413,58 @@ class MPOLinear(nn.Module):
         order = order or self.contraction
         if order != "auto":
             self._check_memory(flat, order)
-        resolved, expr = self._planner.plan(flat.shape[0], order)
-        self.last_order = resolved
-        if resolved == "dense":
-            out = self._gemm(flat, self.weight_in_out())
-        else:
-            out = expr(flat.reshape(-1, *self.in_factors), *self.cores, backend="torch")
-            out = out.reshape(-1, self.out_features)
-            if self.bias is not None:
-                out = out + self.bias
+        elif self.calibrate:
+            order = self._timed_order(flat)
+        out, self.last_order = self._contract(flat, order)
         return out.reshape(*lead, self.out_features)
+
+    def _contract(self, flat: torch.Tensor, order: str) -> tuple[torch.Tensor, str]:
+        """``flat @ W + b`` in ``order`` (``auto``: by FLOPs); returns the order it ran."""
+        resolved, expr = self._planner.plan(flat.shape[0], order)
+        if resolved == "dense":
+            return self._gemm(flat, self.weight_in_out()), resolved
+        out = expr(flat.reshape(-1, *self.in_factors), *self.cores, backend="torch")
+        out = out.reshape(-1, self.out_features)
+        if self.bias is not None:
+            out = out + self.bias
+        return out, resolved
+
+    def _timed_order(self, flat: torch.Tensor) -> str:
+        """The quickest plausible order for this many tokens, timed once and cached."""
+        grad = torch.is_grad_enabled() and (
+            flat.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+        tokens = flat.shape[0]
+        key = (tokens, flat.dtype, flat.device, grad)
+        cached = self._timed_orders.get(key)
+        if cached is not None:
+            self._timed_orders.move_to_end(key)
+            return cached
+        if not timing_allowed(flat):
+            return self._planner.plan(tokens, "auto")[0]  # FLOPs; not cached as timed
+        costs = self._planner.costs(tokens)
+        cheapest = float(min(costs.values()))
+        budget = self.memory_budget if self.memory_budget is not None else free_memory(flat)
+        candidates = [
+            o
+            for o, cost in costs.items()
+            if float(cost) <= TIMED_FLOP_RATIO * cheapest
+            and (
+                budget is None
+                or self._planner.memory_elements(tokens, o, grad=grad) * flat.element_size()
+                <= budget
+            )
+        ] or [min(costs, key=costs.__getitem__)]
+        paths = {o: (lambda t, o=o: self._contract(t, o)[0]) for o in candidates}
+        order, _ = fastest_path(paths, flat, list(self.parameters()), grad=grad)
+        self._timed_orders[key] = order
+        if len(self._timed_orders) > 128:  # sequence lengths vary; keep it bounded
+            self._timed_orders.popitem(last=False)
+        return order
+
+    def timed_orders(self) -> dict[tuple, str]:
+        """The order a calibrated ``auto`` chose per (tokens, dtype, device, grad) so far."""
+        return dict(self._timed_orders)
 
     def _check_memory(self, flat: torch.Tensor, order: str) -> None:
         """Refuse a forced order whose intermediates would not fit (once per input size)."""
@@ -443,6 +500,7 @@ class MPOLinear(nn.Module):
             f"in={self.in_features} ({'x'.join(map(str, self.in_factors))}), "
             f"out={self.out_features} ({'x'.join(map(str, self.out_factors))}), "
             f"bonds={self.bonds}, bias={self.bias is not None}, contraction={self.contraction}"
+            + (" (timed)" if self.calibrate and self.contraction == "auto" else "")
         )
 
 
