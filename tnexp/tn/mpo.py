@@ -10,7 +10,7 @@ actual number of tokens (see :class:`ContractionPlanner`): rebuilding the dense 
 a fixed amount per step and wins for large batches, core-by-core wins for a few tokens.
 FLOPs can mislead (memory-bound GEMVs, a loaded machine): with ``calibrate=True`` the
 ``auto`` order is instead the quickest of the plausible orders, timed once per token count
-(dtype, device, gradient mode) and cached (:mod:`tnexp.tn.timing`).
+(dtype, device, gradient mode) and cached process-wide (:mod:`tnexp.tn.timing`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from tnexp.tn.ranks import (
     mpo_bonds,
     mpo_max_bonds,
 )
-from tnexp.tn.timing import fastest_path, timing_allowed
+from tnexp.tn.timing import TIMED_CHOICES, fastest_path, timing_allowed
 
 ContractionOrder = Literal["auto", "dense", "left_to_right", "right_to_left", "optimal"]
 CONTRACTION_ORDERS: tuple[str, ...] = ("auto", "dense", "left_to_right", "right_to_left", "optimal")
@@ -226,7 +226,6 @@ class MPOLinear(nn.Module):
         self.contraction = contraction
         # auto by timing once per (tokens, dtype, device, grad) instead of by FLOPs.
         self.calibrate = bool(calibrate)
-        self._timed_orders: OrderedDict[tuple, str] = OrderedDict()
         full = [1, *self.bonds, 1]
         self.cores = nn.ParameterList(
             nn.Parameter(torch.empty(full[k], i, o, full[k + 1], device=device, dtype=dtype))
@@ -435,10 +434,9 @@ class MPOLinear(nn.Module):
             flat.requires_grad or any(p.requires_grad for p in self.parameters())
         )
         tokens = flat.shape[0]
-        key = (tokens, flat.dtype, flat.device, grad)
-        cached = self._timed_orders.get(key)
+        key = (self._signature(), (tokens, flat.dtype, str(flat.device), grad))
+        cached = TIMED_CHOICES.get(key)
         if cached is not None:
-            self._timed_orders.move_to_end(key)
             return cached
         if not timing_allowed(flat):
             return self._planner.plan(tokens, "auto")[0]  # FLOPs; not cached as timed
@@ -457,14 +455,22 @@ class MPOLinear(nn.Module):
         ] or [min(costs, key=costs.__getitem__)]
         paths = {o: (lambda t, o=o: self._contract(t, o)[0]) for o in candidates}
         order, _ = fastest_path(paths, flat, list(self.parameters()), grad=grad)
-        self._timed_orders[key] = order
-        if len(self._timed_orders) > 128:  # sequence lengths vary; keep it bounded
-            self._timed_orders.popitem(last=False)
+        TIMED_CHOICES.put(key, order)
         return order
 
+    def _signature(self) -> tuple:
+        """What the orders' speed depends on besides the input (shared timing cache)."""
+        return (
+            type(self).__name__,
+            tuple(self.in_factors),
+            tuple(self.out_factors),
+            tuple(self.bonds),
+            self.bias is not None,
+        )
+
     def timed_orders(self) -> dict[tuple, str]:
-        """The order a calibrated ``auto`` chose per (tokens, dtype, device, grad) so far."""
-        return dict(self._timed_orders)
+        """The timed order per (tokens, dtype, device, grad) for MPO layers of this shape."""
+        return TIMED_CHOICES.items_for(self._signature())
 
     def _check_memory(self, flat: torch.Tensor, order: str) -> None:
         """Refuse a forced order whose intermediates would not fit (once per input size)."""

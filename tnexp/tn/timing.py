@@ -5,13 +5,19 @@ convolutions or as one conv with the reconstructed kernel; an MPO core-by-core o
 dense weight). FLOP counts pick a path without running anything, but they mislead where a
 path is bound by memory traffic or kernel launches (small 1x1 convolutions, one-token GEMVs).
 :func:`fastest_path` runs each candidate on the real input, forward and, when gradients are
-needed, backward, and returns the quickest; the layers cache that choice per input shape.
+needed, backward, and returns the quickest. :data:`TIMED_CHOICES` caches that choice per
+layer signature and input shape for the whole process: layers of the same shape (ResNet's
+repeated blocks, a transformer's layers) are timed once, and a model built twice in one
+process runs the same paths (timing noise cannot make two builds differ). A fresh process
+may choose otherwise where two paths are about equally fast; the results then differ at
+float-error level only, and deterministic mode skips timing altogether.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import torch
 
@@ -20,8 +26,44 @@ import torch
 TIMING_REPEATS = 3
 
 
+class TimedChoices:
+    """A bounded process-wide map from (layer signature, input key) to the timed path."""
+
+    def __init__(self, max_entries: int = 4096):
+        self.max_entries = max_entries
+        self._entries: OrderedDict[Hashable, str] = OrderedDict()
+
+    def get(self, key: Hashable) -> str | None:
+        choice = self._entries.get(key)
+        if choice is not None:
+            self._entries.move_to_end(key)
+        return choice
+
+    def put(self, key: Hashable, choice: str) -> None:
+        self._entries[key] = choice
+        if len(self._entries) > self.max_entries:  # shapes vary; keep it bounded
+            self._entries.popitem(last=False)
+
+    def items_for(self, signature: Hashable) -> dict[Hashable, str]:
+        """The choices recorded for one layer signature, by input key."""
+        return {key[1]: v for key, v in self._entries.items() if key[0] == signature}
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+TIMED_CHOICES = TimedChoices()
+
+
 def timing_allowed(x: torch.Tensor) -> bool:
-    """False while tracing, compiling or capturing a CUDA graph (only cached or FLOP choices)."""
+    """False while tracing, compiling or capturing a CUDA graph, and in deterministic mode.
+
+    The layers then choose by FLOPs (or reuse a cached choice). Under
+    ``torch.use_deterministic_algorithms(True)`` (Lightning's ``deterministic=True``) a
+    timed choice could differ between two runs and change results at float-error level.
+    """
+    if torch.are_deterministic_algorithms_enabled():
+        return False
     if torch.jit.is_scripting() or torch.jit.is_tracing():
         return False
     compiler = getattr(torch, "compiler", None)

@@ -7,14 +7,14 @@ stride, padding and dilation, and 1x1 ``r_out -> c_out`` (``U_out``) carrying th
 (``merged``; differentiable, so training works in both). At small channel counts the two
 1x1 convolutions are bound by memory traffic and the merged kernel is as fast or faster
 although it costs more FLOPs. ``order="auto"`` times both once per input shape (dtype,
-device, gradient mode) and caches the quicker one; with ``calibrate=False`` (or while
-tracing/compiling) it picks by FLOPs instead (:meth:`TuckerConv2d.costs`).
+device, gradient mode) and caches the quicker one process-wide (:mod:`tnexp.tn.timing`);
+with ``calibrate=False`` (or while tracing/compiling, or in deterministic mode) it picks
+by FLOPs instead (:meth:`TuckerConv2d.costs`).
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Literal
 
@@ -23,7 +23,7 @@ from torch import nn
 
 from tnexp.tn.errors import TensorizationError
 from tnexp.tn.ranks import tucker2_ranks_for_cr
-from tnexp.tn.timing import fastest_path, timing_allowed
+from tnexp.tn.timing import TIMED_CHOICES, fastest_path, timing_allowed
 
 TuckerOrder = Literal["auto", "factored", "merged"]
 TUCKER_ORDERS: tuple[str, ...] = ("auto", "factored", "merged")
@@ -120,8 +120,6 @@ class TuckerConv2d(nn.Module):
         self.order = check_tucker_order(order)
         self.calibrate = bool(calibrate)
         self.last_order: str | None = None
-        # (shape, dtype, device, grad) -> the path auto runs (bounded, like the MPO planner).
-        self._order_cache: OrderedDict[tuple, str] = OrderedDict()
         r_out, r_in = (int(r) for r in ranks)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = tuple(kernel_size)
@@ -264,25 +262,38 @@ class TuckerConv2d(nn.Module):
         grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         )
-        key = (tuple(x.shape), x.dtype, x.device, grad)
-        cached = self._order_cache.get(key)
-        if cached is not None:
-            self._order_cache.move_to_end(key)
-            return cached
-        if self.calibrate and timing_allowed(x):
-            paths = {o: (lambda t, o=o: self._run(t, o)) for o in ("factored", "merged")}
-            order, _ = fastest_path(paths, x, list(self.parameters()), grad=grad)
-        else:
-            costs = self.costs(tuple(x.shape), grad=grad)
-            order = min(costs, key=costs.__getitem__)
-        self._order_cache[key] = order
-        if len(self._order_cache) > 64:  # image sizes may vary; keep the cache bounded
-            self._order_cache.popitem(last=False)
-        return order
+        if self.calibrate:
+            key = (self._signature(), (tuple(x.shape), x.dtype, str(x.device), grad))
+            cached = TIMED_CHOICES.get(key)
+            if cached is not None:
+                return cached
+            if timing_allowed(x):
+                paths = {o: (lambda t, o=o: self._run(t, o)) for o in ("factored", "merged")}
+                order, _ = fastest_path(paths, x, list(self.parameters()), grad=grad)
+                TIMED_CHOICES.put(key, order)
+                return order
+        costs = self.costs(tuple(x.shape), grad=grad)
+        return min(costs, key=costs.__getitem__)
+
+    def _signature(self) -> tuple:
+        """What the two paths' speed depends on besides the input (shared timing cache)."""
+        core = self.core
+        return (
+            type(self).__name__,
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.ranks,
+            core.stride,
+            core.padding,
+            core.dilation,
+            core.padding_mode,
+            self.last.bias is not None,
+        )
 
     def cached_orders(self) -> dict[tuple, str]:
-        """The path ``auto`` chose per (input shape, dtype, device, grad) so far."""
-        return dict(self._order_cache)
+        """The timed path per (input shape, dtype, device, grad) for layers of this shape."""
+        return TIMED_CHOICES.items_for(self._signature())
 
     def costs(self, input_shape: Sequence[int], *, grad: bool = True) -> dict[str, int]:
         """FLOPs of the ``factored`` and ``merged`` paths for an ``(N, C, H, W)`` input.
