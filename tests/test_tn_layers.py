@@ -174,8 +174,20 @@ def test_tucker_auto_order_timed_once_per_shape(monkeypatch):
     twin = TuckerConv2d.from_conv(nn.Conv2d(8, 8, 3, padding=1), cr=0.5)
     twin(x)
     assert len(calls) == 3 and twin.last_order == "merged"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        twin(x)  # autocast runs other kernels: its own key
+    assert len(calls) == 4
     TuckerConv2d.from_conv(nn.Conv2d(8, 8, 3, padding=1, stride=2), cr=0.5)(x)
-    assert len(calls) == 4  # a different stride is a different signature
+    assert len(calls) == 5  # a different stride is a different signature
+    # Deterministic mode never times: FLOPs decide (factored at CR 0.5), nothing cached.
+    fresh = TuckerConv2d.from_conv(nn.Conv2d(8, 8, 3, padding=1), cr=0.5)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        fresh(torch.randn(3, 8, 6, 6))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert len(calls) == 5 and fresh.last_order == "factored"
 
 
 def test_tucker_forced_order_and_flop_fallback(monkeypatch):
@@ -479,3 +491,21 @@ def test_mpo_svd_init_reaches_the_truncated_svd_optimum(shape):
         u, rest = _truncated_split(torch.randn(m, n, dtype=torch.float64), 5)
         torch.testing.assert_close(u.T @ u, torch.eye(5, dtype=torch.float64))
         assert rest.shape == (5, n)
+
+
+def test_fastest_path_picks_the_quicker_and_leaves_grads_alone():
+    import time
+
+    from tnexp.tn.timing import fastest_path
+
+    weight = nn.Parameter(torch.randn(4, 4))
+
+    def slow(t):
+        time.sleep(0.01)
+        return t @ weight
+
+    choice, seconds = fastest_path(
+        {"slow": slow, "fast": lambda t: t @ weight}, torch.randn(3, 4), [weight], grad=True
+    )
+    assert choice == "fast" and seconds["slow"] >= 0.01 > seconds["fast"]
+    assert weight.grad is None  # timing used autograd.grad, nothing accumulated

@@ -33,7 +33,7 @@ from tnexp.tn.ranks import (
     mpo_bonds,
     mpo_max_bonds,
 )
-from tnexp.tn.timing import TIMED_CHOICES, fastest_path, timing_allowed
+from tnexp.tn.timing import TIMED_CHOICES, fastest_path, input_key, timing_allowed
 
 ContractionOrder = Literal["auto", "dense", "left_to_right", "right_to_left", "optimal"]
 CONTRACTION_ORDERS: tuple[str, ...] = ("auto", "dense", "left_to_right", "right_to_left", "optimal")
@@ -434,7 +434,7 @@ class MPOLinear(nn.Module):
             flat.requires_grad or any(p.requires_grad for p in self.parameters())
         )
         tokens = flat.shape[0]
-        key = (self._signature(), (tokens, flat.dtype, str(flat.device), grad))
+        key = (self._signature(), input_key(flat, tokens, grad))
         cached = TIMED_CHOICES.get(key)
         if cached is not None:
             return cached

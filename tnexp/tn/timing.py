@@ -55,6 +55,13 @@ class TimedChoices:
 TIMED_CHOICES = TimedChoices()
 
 
+def input_key(x: torch.Tensor, size: Hashable, grad: bool) -> tuple:
+    """What a timed choice depends on besides the layer: size, dtype, device, grad, autocast."""
+    device = x.device.type
+    autocast = str(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
+    return (size, x.dtype, str(x.device), grad, autocast)
+
+
 def timing_allowed(x: torch.Tensor) -> bool:
     """False while tracing, compiling or capturing a CUDA graph, and in deterministic mode.
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from tnexp.tn.errors import TensorizationError
 from tnexp.tn.ranks import tucker2_ranks_for_cr
-from tnexp.tn.timing import TIMED_CHOICES, fastest_path, timing_allowed
+from tnexp.tn.timing import TIMED_CHOICES, fastest_path, input_key, timing_allowed
 
 TuckerOrder = Literal["auto", "factored", "merged"]
 TUCKER_ORDERS: tuple[str, ...] = ("auto", "factored", "merged")
@@ -263,7 +263,7 @@ class TuckerConv2d(nn.Module):
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         )
         if self.calibrate:
-            key = (self._signature(), (tuple(x.shape), x.dtype, str(x.device), grad))
+            key = (self._signature(), input_key(x, tuple(x.shape), grad))
             cached = TIMED_CHOICES.get(key)
             if cached is not None:
                 return cached
