@@ -56,6 +56,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "docs" / "benchmarks" / "threads.json"
 OMP_AT_START = os.environ.pop("OMP_NUM_THREADS", None)  # before torch reads it
+# A busy core: pure-Python loop that checks now and then whether its parent still lives.
+BUSY_LOOP = (
+    "import os, sys\n"
+    "parent = int(sys.argv[1])\n"
+    "while os.getppid() == parent:\n"
+    "    for _ in range(100000):\n"
+    "        pass\n"
+)
 
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
@@ -148,7 +156,8 @@ def busy_process(active: bool) -> Iterator[None]:
     if not active:
         yield
         return
-    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    # The loop ends by itself once this process is gone (killed benchmarks left it running).
+    proc = subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(os.getpid())])
     try:
         time.sleep(1.0)  # let it reach the CPU before the policy samples the load
         yield
@@ -306,9 +315,9 @@ def run_quickstart(args: argparse.Namespace, cores: int) -> dict[str, Any]:
                     wall, rc = time.perf_counter() - t0, proc.returncode
                 except subprocess.TimeoutExpired:
                     wall, rc = time.perf_counter() - t0, "timeout"
-            chosen = sorted(
-                {json.loads(p.read_text())["runtime"]["threads"] for p in out.rglob("results.json")}
-            )
+            # The quickstart's own summary has no runtime record; its stages' results do.
+            records = [json.loads(p.read_text()) for p in out.rglob("results.json")]
+            chosen = sorted({r["runtime"]["threads"] for r in records if "runtime" in r})
             runs[label] = {
                 "wall_s": round(wall, 1),
                 "returncode": rc,

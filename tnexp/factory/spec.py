@@ -113,7 +113,7 @@ class TensorizeSpec:
     tucker_order: str = "auto"
     # Which auto choices are timed once per input shape instead of taken from FLOPs:
     # tucker (default) | all (Tucker and the MPO contraction order) | off.
-    order_timing: str = "tucker"
+    order_timing: str = "off"
     # uniform: one per-layer CR; adaptive: per-layer ranks that minimise the summed
     # relative output error under the overall_cr budget (2-site MPO layers).
     allocation: str = "uniform"
