@@ -2,16 +2,19 @@
 
 Token perplexity (sliding window 512 / stride 256, first 8,192 validation tokens of
 ``stdlib_text``) of the whitened low-rank init at an overall CR, then of the same student
-after :mod:`tnexp.compensation` refits every ``down_proj`` from the compressed
-``gate_proj``/``up_proj`` activations; per-layer errors before/after go to the JSON.
+after :mod:`tnexp.compensation`: ``slice`` refits every ``down_proj`` from the compressed
+``gate_proj``/``up_proj`` activations of the same MLP; ``chain`` refits every projection
+of every decoder layer from the compressed model's own activations (chained slices, each
+from the same whitened init); per-layer errors before/after go to the JSON.
 
     OMP_NUM_THREADS=1 uv run python benchmarks/bench_smollm2_init.py --cr 0.3 \
-        --batches 32 --out docs/results/smollm2_compensation.json
+        --batches 32 --modes slice chain --out docs/results/smollm2_compensation.json
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import time
@@ -31,6 +34,7 @@ def main() -> None:
     parser.add_argument("--cr", type=float, default=0.3)
     parser.add_argument("--batches", type=int, default=32, help="calibration batches (8x128)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--modes", nargs="+", choices=["slice", "chain"], default=["slice"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -61,28 +65,39 @@ def main() -> None:
     build_s = time.perf_counter() - started
     whitened = evaluate_language_model(cfg, datamodule, student.eval(), "final")["token_ppl"]
     print(f"whitened init: token ppl {whitened:.2f} ({build_s:.0f} s)", flush=True)
-    started = time.perf_counter()
-    result = compensate(cfg, teacher, student, datamodule, task)
-    compensation_s = time.perf_counter() - started
-    compensated = evaluate_language_model(cfg, datamodule, student.eval(), "final")["token_ppl"]
-    rows = result.layers
-    before = sum(r["before"] for r in rows.values()) / len(rows)
-    after = sum(r["after"] for r in rows.values()) / len(rows)
-    print(
-        f"compensated: token ppl {compensated:.2f} ({compensation_s:.0f} s); down_proj error "
-        f"from student inputs {before:.3f} -> {after:.3f} (mean of {len(rows)})",
-        flush=True,
-    )
+    record: dict = {
+        "command": "benchmarks/bench_smollm2_init.py " + " ".join(os.sys.argv[1:]),
+        "model_cr": report.model_cr,
+        "token_ppl": {"whitened": whitened},
+        "seconds": {"build": build_s},
+        "layers": {},
+    }
+    for mode in args.modes:
+        chain = mode == "chain"
+        mode_cfg = copy.deepcopy(cfg)
+        mode_cfg.tensorize.calibration.compensate_chain = chain
+        mode_cfg.tensorize.calibration.compensate_slicing = "decoder" if chain else "block"
+        compensated_student = copy.deepcopy(student)
+        started = time.perf_counter()
+        result = compensate(mode_cfg, teacher, compensated_student, datamodule, task)
+        seconds = time.perf_counter() - started
+        ppl = evaluate_language_model(cfg, datamodule, compensated_student.eval(), "final")
+        rows = result.layers
+        before = sum(r["before"] for r in rows.values()) / len(rows)
+        after = sum(r["after"] for r in rows.values()) / len(rows)
+        print(
+            f"compensated ({mode}): token ppl {ppl['token_ppl']:.2f} ({seconds:.0f} s); layer "
+            f"error from student inputs {before:.3f} -> {after:.3f} (mean of {len(rows)})",
+            flush=True,
+        )
+        key = "compensated" if mode == "slice" else "compensated_chain"
+        record["token_ppl"][key] = ppl["token_ppl"]
+        record["seconds"][key] = seconds
+        record["layers"][mode] = rows
+        del compensated_student
+    record["load_average"] = os.getloadavg()
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        record = {
-            "command": "benchmarks/bench_smollm2_init.py " + " ".join(os.sys.argv[1:]),
-            "load_average": os.getloadavg(),
-            "model_cr": report.model_cr,
-            "token_ppl": {"whitened": whitened, "compensated": compensated},
-            "seconds": {"build": build_s, "compensation": compensation_s},
-            "layers": rows,
-        }
         args.out.write_text(json.dumps(record, indent=1))
 
 

@@ -154,3 +154,61 @@ def test_no_batches_is_a_clear_error():
     plan = make_slice_plan(student, "block")
     with pytest.raises(Exception, match="no calibration batch"):
         compensate_slices(teacher, student, plan, [], model_inputs=lambda b: b, num_batches=2)
+
+
+def _logit_error(teacher, student, batches):
+    with torch.no_grad():
+        diffs = [
+            (student(**b).logits - teacher(**b).logits).norm() / teacher(**b).logits.norm()
+            for b in batches
+        ]
+    return float(sum(diffs) / len(diffs))
+
+
+def test_chained_compensation_fits_every_stage_to_the_students_own_inputs():
+    teacher = tiny_llama()
+    batches = token_batches(6)
+    student = data_aware(teacher, LLAMA_SPEC, batches)
+    plan = make_slice_plan(student, "decoder")
+    per_slice = copy.deepcopy(student)
+    compensate_slices(
+        teacher,
+        per_slice,
+        make_slice_plan(per_slice, "block"),
+        batches,
+        model_inputs=lambda b: b,
+        num_batches=len(batches),
+    )
+    untouched = copy.deepcopy(student)
+    result = compensate_slices(
+        teacher, student, plan, batches, model_inputs=lambda b: b, num_batches=6, chain=True
+    )
+    first, second = "model.layers.0.mlp", "model.layers.1.mlp"
+    # The first slice's first stage sees the teacher's inputs: left as the init made it.
+    assert f"{first}.gate_proj" not in result.layers
+    assert torch.equal(
+        student.get_submodule(f"{first}.gate_proj").cores[0],
+        untouched.get_submodule(f"{first}.gate_proj").cores[0],
+    )
+    # Later slices' first stage is refitted too (their inputs carry the first slice's error).
+    for name in (f"{second}.gate_proj", f"{second}.up_proj", f"{second}.down_proj"):
+        assert result.layers[name]["after"] <= result.layers[name]["before"] + 1e-12, name
+    assert result.layers[f"{second}.gate_proj"]["stage"] == 0
+    assert any(
+        row["after"] < 0.99 * row["before"]
+        for name, row in result.layers.items()
+        if name.startswith(second)
+    )
+    # End to end, the chained student is closer to the teacher than the per-slice one.
+    assert _logit_error(teacher, student, batches) < _logit_error(teacher, per_slice, batches)
+
+
+def test_chained_compensation_refuses_slices_that_do_not_chain():
+    teacher = tiny_llama()
+    batches = token_batches(2)
+    student = data_aware(teacher, LLAMA_SPEC, batches)
+    plan = make_slice_plan(student, "block")  # MLPs only: attention runs between them
+    with pytest.raises(Exception, match="chain"):
+        compensate_slices(
+            teacher, student, plan, batches, model_inputs=lambda b: b, num_batches=2, chain=True
+        )

@@ -17,6 +17,15 @@ the ``k``-th distinct input tensor met inside the slice), each stage one pass ov
 calibration batches with the earlier stages already refitted; the first stage sees the
 teacher's inputs exactly and is left as it is. A refit that would raise a layer's error
 is not applied.
+
+With ``chain=True`` the slices are taken as a chain through the whole network (e.g. the
+decoder layers of a transformer) and each one is compensated from the *student's own*
+output of the slices before it, not from the teacher's slice input: every stage, the first
+included, is refitted to the teacher's layer output given the inputs the compressed model
+really produces, so the error an early slice leaves is partly absorbed by the later ones
+(sequential calibration, as GPTQ / SVD-LLM do). It costs one teacher pass and, per slice,
+one student pass per stage plus one to advance, over the calibration batches kept in
+memory at the current slice boundary.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from torch import nn
 from tnexp.calibration import layer_input_rows
 from tnexp.console import work_bar
 from tnexp.features import FeatureCapture, to_device
-from tnexp.slicing import SlicePlan
+from tnexp.slicing import SlicePlan, SlicePlanError
 from tnexp.tn.datainit import (
     DEFAULT_DAMPING,
     conv_weight_matrix,
@@ -78,7 +87,8 @@ class _Sums:
         self.reference: dict[str, float] = {}
         self.rows = 0
 
-    def add(self, xs: torch.Tensor, xt: torch.Tensor, outputs: dict[str, torch.Tensor]) -> None:
+    def add(self, xs: torch.Tensor, xt: torch.Tensor, references: dict[str, float]) -> None:
+        """One batch: student and teacher input rows, and per layer ``||X_t W||^2``."""
         if xs.shape != xt.shape:
             raise TensorizationError(
                 f"student and teacher layer inputs differ in shape ({tuple(xs.shape)} vs "
@@ -91,10 +101,8 @@ class _Sums:
         else:
             self.ss += ss
             self.st += st
-        for name, out in outputs.items():
-            self.reference[name] = self.reference.get(name, 0.0) + float(
-                out.double().square().sum()
-            )
+        for name, value in references.items():
+            self.reference[name] = self.reference.get(name, 0.0) + value
         self.rows += xs.shape[0]
 
     def means(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
@@ -250,11 +258,15 @@ def compensate_slices(
     als_tol: float = 1e-4,
     device: torch.device | str | None = None,
     progress: bool = False,
+    chain: bool = False,
 ) -> CompensationResult:
     """Refit the later-stage tensorized layers of every slice of ``student`` (see module).
 
     ``batches`` is iterated once per stage after the first (the same ``num_batches``
     batches each time when the loader is deterministic); ``student`` is changed in place.
+    ``chain=True``: the slices of ``plan`` must follow each other in the data flow (each
+    one's input is the previous one's output; checked); every stage of every slice is
+    refitted from the student's own inputs (see module).
     """
     if num_batches <= 0:
         raise ValueError(f"num_batches must be positive, got {num_batches}.")
@@ -266,6 +278,12 @@ def compensate_slices(
     device = torch.device(device) if device is not None else next(student.parameters()).device
     try:
         stages = slice_stages(teacher, student, plan, to_device(model_inputs(batches[0]), device))
+        if chain:
+            result = _compensate_chain(
+                teacher, student, plan, stages, batches, model_inputs, device,
+                damping=damping, sweeps=als_sweeps, tol=als_tol, progress=progress,
+            )  # fmt: skip
+            return _logged(result)
         result = CompensationResult(
             stages=max(len(g) for g in stages.values()), batches=len(batches)
         )
@@ -274,26 +292,14 @@ def compensate_slices(
             sums = _accumulate(teacher, student, plan, groups, batches, model_inputs, device,
                                progress=progress, stage=stage)  # fmt: skip
             for slice_name, names in groups.items():
-                ss, st, references = sums[slice_name].means()
-                lam = damping * float(ss.diagonal().mean())
-                eye = torch.eye(ss.shape[0], dtype=ss.dtype)
-                for name in names:
-                    layer = student.get_submodule(name)
-                    w = _dense_matrix(teacher.get_submodule(name))
-                    before = _relative_error(_approx_matrix(layer), w, ss, st, references[name])
-                    # Ridge towards the teacher's own weight: directions the student's
-                    # inputs never excite keep W instead of collapsing to zero.
-                    target = torch.linalg.solve(ss + lam * eye, st @ w + lam * w)
-                    old = [p.detach().clone() for p in layer.parameters()]
-                    _refit(layer, target, ss, damping=damping, sweeps=als_sweeps, tol=als_tol)()
-                    after = _relative_error(_approx_matrix(layer), w, ss, st, references[name])
-                    if after > before:  # damping can make the fit worse: keep the old one
-                        for p, value in zip(layer.parameters(), old):
-                            p.copy_(value)
-                        after = before
-                    result.layers[name] = {"stage": stage, "before": before, "after": after}
+                _refit_group(teacher, student, names, sums[slice_name], stage, result,
+                             damping=damping, sweeps=als_sweeps, tol=als_tol)  # fmt: skip
     finally:
         teacher.train(was[0]), student.train(was[1])
+    return _logged(result)
+
+
+def _logged(result: CompensationResult) -> CompensationResult:
     if result.layers:
         gains = [v["after"] / max(v["before"], 1e-30) for v in result.layers.values()]
         log.info(
@@ -305,6 +311,121 @@ def compensate_slices(
             sum(gains) / len(gains),
         )
     return result
+
+
+def _refit_group(
+    teacher: nn.Module,
+    student: nn.Module,
+    names: list[str],
+    sums: _Sums,
+    stage: int,
+    result: CompensationResult,
+    *,
+    damping: float,
+    sweeps: int,
+    tol: float,
+) -> None:
+    """Refit the student layers ``names`` (one shared input) to the teacher's outputs."""
+    ss, st, references = sums.means()
+    lam = damping * float(ss.diagonal().mean())
+    eye = torch.eye(ss.shape[0], dtype=ss.dtype)
+    for name in names:
+        layer = student.get_submodule(name)
+        w = _dense_matrix(teacher.get_submodule(name))
+        before = _relative_error(_approx_matrix(layer), w, ss, st, references[name])
+        # Ridge towards the teacher's own weight: directions the student's inputs never
+        # excite keep W instead of collapsing to zero.
+        target = torch.linalg.solve(ss + lam * eye, st @ w + lam * w)
+        old = [p.detach().clone() for p in layer.parameters()]
+        _refit(layer, target, ss, damping=damping, sweeps=sweeps, tol=tol)()
+        after = _relative_error(_approx_matrix(layer), w, ss, st, references[name])
+        if after > before:  # damping can make the fit worse: keep the old one
+            for p, value in zip(layer.parameters(), old):
+                p.copy_(value)
+            after = before
+        result.layers[name] = {"stage": stage, "before": before, "after": after}
+
+
+def _compensate_chain(
+    teacher: nn.Module,
+    student: nn.Module,
+    plan: SlicePlan,
+    stages: dict[str, list[list[str]]],
+    batches: list[Any],
+    model_inputs: Callable[[Any], Any],
+    device: torch.device,
+    *,
+    damping: float,
+    sweeps: int,
+    tol: float,
+    progress: bool,
+) -> CompensationResult:
+    """Slice after slice, every stage refitted from the student's own propagated inputs.
+
+    Per calibration batch the teacher's and the student's activations at the current slice
+    boundary are kept (``teacher_x`` / ``student_x``); the teacher's layer input rows and
+    output energies of the slice are taken in the same pass that advances ``teacher_x``.
+    """
+    capture = FeatureCapture(teacher, plan, chain=True, capture_outputs=False, stop_after_last=True)
+    teacher_x, extras = [], []
+    first = plan.slices[0].name
+    for batch in batches:
+        try:
+            f = capture(to_device(model_inputs(batch), device))[first]
+        except SlicePlanError as error:
+            raise SlicePlanError(
+                f"{error} Chained compensation (tensorize.calibration.compensate_chain) needs "
+                "slices that follow each other through the network: set "
+                "tensorize.calibration.compensate_slicing=decoder for a transformer."
+            ) from None
+        teacher_x.append(f.input)
+        extras.append(f.kwargs)  # a chain shares the first slice's extra inputs
+    student_x = list(teacher_x)
+    result = CompensationResult(stages=max(len(g) for g in stages.values()), batches=len(batches))
+    with work_bar(progress, len(plan), "compensation (chained slices)") as advance:
+        for index, piece in enumerate(plan):
+            groups = stages[piece.name]
+            rows_t: list[dict[int, torch.Tensor]] = []
+            energies: list[dict[str, float]] = []
+            for b in range(len(batches)):  # teacher: rows of every stage, then advance
+                rows: dict[int, torch.Tensor] = {}
+                outputs: dict[str, torch.Tensor] = {}
+                handles = [
+                    _row_hook(teacher, names[0], rows, k, teacher.get_submodule(names[0]))
+                    for k, names in enumerate(groups)
+                ]
+                handles += [_output_hook(teacher, n, outputs) for names in groups for n in names]
+                try:
+                    teacher_x[b] = piece.forward(teacher, teacher_x[b], **extras[b])
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                rows_t.append(rows)
+                energies.append({n: _energy(y) for n, y in outputs.items()})
+            for k, names in enumerate(groups):
+                if index == 0 and k == 0:
+                    continue  # the teacher's own inputs: the init already fits them
+                sums = _Sums()
+                ref = teacher.get_submodule(names[0])
+                for b in range(len(batches)):
+                    rows_s: dict[int, torch.Tensor] = {}
+                    handle = _row_hook(student, names[0], rows_s, k, ref)
+                    try:
+                        piece.forward(student, student_x[b], **extras[b])
+                    finally:
+                        handle.remove()
+                    sums.add(rows_s[k], rows_t[b][k], {n: energies[b][n] for n in names})
+                _refit_group(teacher, student, names, sums, k, result,
+                             damping=damping, sweeps=sweeps, tol=tol)  # fmt: skip
+            for b in range(len(batches)):
+                student_x[b] = piece.forward(student, student_x[b], **extras[b])
+            advance()
+    return result
+
+
+def _energy(y: torch.Tensor) -> float:
+    """``||y||^2`` in float64 (a layer output's share of the error's scale)."""
+    return float(y.double().square().sum())
 
 
 def _accumulate(
@@ -367,7 +488,9 @@ def _accumulate_batch(
             raise TensorizationError(
                 f"{names[0]} did not run in slice {slice_name!r}; cannot compensate it."
             )
-        sums[slice_name].add(rows_s[slice_name], rows_t[slice_name], {n: outputs[n] for n in names})
+        sums[slice_name].add(
+            rows_s[slice_name], rows_t[slice_name], {n: _energy(outputs[n]) for n in names}
+        )
 
 
 def _row_hook(

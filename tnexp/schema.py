@@ -131,6 +131,10 @@ class CalibrationSettings:
     dir: str | None = None  # null: <paths.cache_dir>/calibration
     compensate: bool = False  # refit later layers of each slice from the student's own inputs
     compensate_slicing: Any = "block"  # the slices compensation works within (tnexp/slicing.py)
+    # Chain the slices: each is refitted from the student's own output of the earlier ones
+    # (every stage, the first included); compensate_slicing must then tile the network in
+    # order, e.g. "decoder" for transformers (docs/data_aware.md).
+    compensate_chain: bool = False
 
 
 # name in the ConfigStore group ``schema`` -> schema

@@ -217,6 +217,7 @@ def compensate(
             als_tol=float(t.get("als_tol", 1e-4)),
             device=_device(cfg),
             progress=cfg.callbacks.get("progress_bar", "none") != "none",
+            chain=bool(cal.compensate_chain),
         )
     return result
 
