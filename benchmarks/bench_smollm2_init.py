@@ -24,6 +24,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from tnexp.config import CONFIG_DIR
+from tnexp.factory import save_tensorized
 from tnexp.stages.build import build_datamodule, build_task, load_teacher
 from tnexp.stages.evaluate import evaluate_language_model
 from tnexp.stages.student import build_student, compensate
@@ -36,6 +37,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--modes", nargs="+", choices=["slice", "chain"], default=["slice"])
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--save",
+        type=Path,
+        default=None,
+        help="save each compensated student under SAVE/<mode> (start runs from it with "
+        "student.path=SAVE/<mode>)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     overrides = [
@@ -94,6 +102,8 @@ def main() -> None:
         record["token_ppl"][key] = ppl["token_ppl"]
         record["seconds"][key] = seconds
         record["layers"][mode] = rows
+        if args.save:
+            save_tensorized(compensated_student, report, args.save / mode)
         del compensated_student
     record["load_average"] = os.getloadavg()
     if args.out:

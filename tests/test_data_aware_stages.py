@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from stages import make_cfg
 
 from tnexp.calibration import CalibrationError
@@ -134,3 +135,22 @@ def test_compensation_in_the_build_is_deterministic_and_changes_only_later_layer
             changed.add(name)
             assert ".conv2." in name, name  # conv1 saw the teacher's inputs: unchanged
     assert changed  # and the conv2 layers were refitted
+
+
+def test_a_run_can_start_from_a_saved_student(teacher_dir, tmp_path):
+    # One expensive data-aware init, saved once, reused by later runs (student.path).
+    first = tmp_path / "first"
+    overrides = ["method=global", f"teacher.path={teacher_dir}", "trainer.limit_train_batches=2"]
+    aware = ["tensorize.init=als", "tensorize.als_sweeps=1", "tensorize.calibration.num_batches=2"]
+    run_stage(make_cfg(first, *overrides, *aware, cache_dir=tmp_path / "cache"))
+    trained = load_file(first / "student" / "model.safetensors")
+    # tensorize.* is ignored when student.path is set: a different CR would not fit the weights.
+    cfg = make_cfg(tmp_path / "second", *overrides, f"student.path={first}", "tensorize.cr=0.9")
+    student, report = _student(cfg)
+    assert report.layers and all(layer.init == "als" for layer in report.layers)
+    for name, value in student.state_dict().items():
+        if name in trained:
+            assert torch.equal(value, trained[name]), name
+    missing = make_cfg(tmp_path / "third", *overrides, f"student.path={tmp_path / 'nothing'}")
+    with pytest.raises(Exception, match="holds no saved student"):
+        _student(missing)

@@ -32,7 +32,7 @@ from tnexp.config import plain
 from tnexp.console import console as make_console
 from tnexp.errors import ConfigError
 from tnexp.eval import sliding_window_perplexity
-from tnexp.factory import SPEC_FILE, load_tensorized
+from tnexp.factory import SPEC_FILE
 from tnexp.results import Results, plain_config
 from tnexp.slicing import make_slice_plan
 from tnexp.stages.build import (
@@ -42,7 +42,7 @@ from tnexp.stages.build import (
     is_language_model,
     load_teacher,
 )
-from tnexp.stages.student import calibration_stats, tensorize_spec
+from tnexp.stages.student import calibration_stats, load_student, tensorize_spec
 
 log = logging.getLogger("tnexp")
 
@@ -58,8 +58,7 @@ def _load_student(cfg: DictConfig, path: str) -> torch.nn.Module:
     base = None
     if spec_file.is_file() and not json.loads(spec_file.read_text()).get("base_config"):
         base = build_model(cfg)
-    student, _ = load_tensorized(directory, base=base)
-    return student.eval()
+    return load_student(directory, base=base)[0].eval()
 
 
 def _stats(cfg: DictConfig, teacher: torch.nn.Module, spec: Any) -> Any:

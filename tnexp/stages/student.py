@@ -13,6 +13,7 @@ from the student's own inputs (:mod:`tnexp.compensation`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import random
 from collections.abc import Iterator
@@ -32,9 +33,12 @@ from tnexp.calibration import (
     stats_key,
 )
 from tnexp.compensation import CompensationResult, compensate_slices
+from tnexp.errors import ConfigError
 from tnexp.factory import (
+    SPEC_FILE,
     TensorizeReport,
     TensorizeSpec,
+    load_tensorized,
     needs_input_stats,
     plan_layers,
     tensorize,
@@ -169,10 +173,25 @@ def build_student(
     spec: TensorizeSpec | None = None,
     progress: bool = True,
 ) -> tuple[torch.nn.Module, TensorizeReport]:
-    """Tensorize ``teacher`` as ``cfg.tensorize`` says, with calibration when it needs it."""
-    spec = spec or tensorize_spec(cfg)
+    """Tensorize ``teacher`` as ``cfg.tensorize`` says, with calibration when it needs it.
+
+    With ``student.path`` set, the saved student there is loaded instead (its own recorded
+    shapes and weights; ``tensorize.*`` and calibration are not applied).
+    """
     if hasattr(task, "bind_teacher"):  # task=features: the student is measured against it
         task.bind_teacher(teacher)
+    saved = (cfg.get("student") or {}).get("path")
+    if saved:
+        student, report = load_student(saved, base=copy.deepcopy(teacher))
+        log.info(
+            "student loaded from %s (%d tensorized layers, model CR %.3f); tensorize.* is "
+            "not applied",
+            saved,
+            len(report.layers),
+            report.model_cr,
+        )
+        return student, report
+    spec = spec or tensorize_spec(cfg)
     stats = calibration_stats(cfg, teacher, spec, datamodule, task)
     student, report = tensorize(teacher, spec, stats=stats, progress=progress)
     cal = calibration_settings(cfg)
@@ -191,6 +210,26 @@ def build_student(
     else:
         log.info("tensorized %d layers, model CR %.3f", len(report.layers), report.model_cr)
     return student, report
+
+
+def load_student(
+    path: str | Path, base: torch.nn.Module | None = None
+) -> tuple[torch.nn.Module, TensorizeReport]:
+    """A saved tensorized student: a ``student/`` folder, or the run folder holding one.
+
+    ``base`` is the dense architecture (e.g. a copy of the teacher); without it the folder's
+    recorded ``base_config`` builds it.
+    """
+    directory = Path(path)
+    if (directory / "student" / SPEC_FILE).is_file():  # a run folder: its student/ inside
+        directory = directory / "student"
+    if not (directory / SPEC_FILE).is_file():
+        raise ConfigError(
+            f"student.path={path} holds no saved student ({SPEC_FILE} missing): give a run "
+            "folder with a student/ inside or the student/ folder itself (written by local, "
+            "global, hybrid and assemble runs)."
+        )
+    return load_tensorized(directory, base=base)
 
 
 def compensate(
@@ -227,6 +266,7 @@ __all__ = [
     "calibration_settings",
     "calibration_stats",
     "compensate",
+    "load_student",
     "preserved_rng",
     "tensorize_spec",
 ]
