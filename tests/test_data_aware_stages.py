@@ -154,3 +154,62 @@ def test_a_run_can_start_from_a_saved_student(teacher_dir, tmp_path):
     missing = make_cfg(tmp_path / "third", *overrides, f"student.path={tmp_path / 'nothing'}")
     with pytest.raises(Exception, match="holds no saved student"):
         _student(missing)
+
+
+def _compensated_cfg(teacher_dir, tmp_path, *extra):
+    return make_cfg(
+        tmp_path,
+        "method=local",
+        f"teacher.path={teacher_dir}",
+        "tensorize.init=als",
+        "tensorize.calibration.num_batches=2",
+        "tensorize.als_sweeps=1",
+        "tensorize.calibration.compensate=true",
+        *extra,
+    )
+
+
+def test_compensation_is_cached_and_a_rerun_loads_the_identical_student(
+    teacher_dir, tmp_path, monkeypatch
+):
+    import tnexp.stages.student as student_stage
+
+    cfg = _compensated_cfg(teacher_dir, tmp_path)
+    torch.manual_seed(5)
+    first, _ = _student(cfg)  # refits and saves the compensated layers
+    after_first = torch.rand(3)
+    folder = tmp_path / "cache" / "calibration" / "compensation"
+    assert len(list(folder.glob("*.safetensors"))) == 1
+    computed = student_stage.compensate_slices
+
+    def no_teacher_pass(*args, **kwargs):
+        raise AssertionError("compensation recomputed although its file exists")
+
+    monkeypatch.setattr(student_stage, "compensate_slices", no_teacher_pass)
+    torch.manual_seed(5)
+    second, _ = _student(cfg)  # loads them
+    assert torch.equal(torch.rand(3), after_first)  # loading leaves the RNG as computing did
+    for name, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[name]), name
+    # Another init (another student before the refit) is another file, not this one.
+    monkeypatch.setattr(student_stage, "compensate_slices", computed)
+    _student(_compensated_cfg(teacher_dir, tmp_path, "tensorize.als_sweeps=2"))
+    assert len(list(folder.glob("*.safetensors"))) == 2
+
+
+def test_damaged_or_stale_compensation_files_are_refused(teacher_dir, tmp_path):
+    from tnexp.compensation import load_compensation
+
+    cfg = _compensated_cfg(teacher_dir, tmp_path)
+    student, _ = _student(cfg)
+    (path,) = (tmp_path / "cache" / "calibration" / "compensation").glob("*.safetensors")
+    with pytest.raises(CalibrationError, match="another key"):
+        load_compensation(path, student, expect={"key": "not-this-one"})
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # same size, one flipped byte inside a tensor
+    path.write_bytes(bytes(data))
+    with pytest.raises(CalibrationError, match=f"damaged.*rm {path}"):
+        _student(cfg)
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(CalibrationError, match=f"rm {path}"):
+        _student(cfg)

@@ -76,73 +76,102 @@ class InputStats:
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> Path:
         """Atomically write ``<path>`` (safetensors) with the metadata in its header."""
-        from safetensors.torch import save
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        header = {
-            "format": str(FORMAT_VERSION),
-            "checksums": json.dumps({k: tensor_checksum(v) for k, v in self.grams.items()}),
-            "samples": json.dumps(self.samples),
-            "aliases": json.dumps(self.aliases),
-            "meta": json.dumps(self.meta, default=str),
-        }
-        data = save({k: v.contiguous() for k, v in self.grams.items()}, metadata=header)
-        atomic_write_bytes(path, data)
-        return path
+        fields = {"samples": self.samples, "aliases": self.aliases, "meta": self.meta}
+        return save_checked(path, self.grams, fields, version=FORMAT_VERSION)
 
     @classmethod
     def load(cls, path: str | Path, *, expect: Mapping[str, Any] | None = None) -> InputStats:
         """Read statistics written by :meth:`save`; ``expect`` must match their ``meta``."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise CalibrationError(f"calibration statistics {path} do not exist.")
-        remedy = f"delete the file (rm {path}) and rerun to recollect them"
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                header = f.metadata() or {}
-                grams = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        except Exception as err:  # safetensors raises its own types on damage
-            raise CalibrationError(
-                f"calibration statistics {path} are unreadable ({err}); {remedy}."
-            ) from None
-        if header.get("format") != str(FORMAT_VERSION):
-            raise CalibrationFormatError(
-                f"calibration statistics {path} have format {header.get('format')!r}, this "
-                f"tnexp writes {FORMAT_VERSION}; {remedy}."
-            )
-        try:
-            checksums = json.loads(header["checksums"])
-            samples = json.loads(header["samples"])
-            aliases = json.loads(header["aliases"])
-            meta = json.loads(header["meta"])
-        except (KeyError, ValueError) as err:
-            raise CalibrationError(
-                f"calibration statistics {path} have a damaged header ({err}); {remedy}."
-            ) from None
-        for key, value in (expect or {}).items():
-            if meta.get(key) != value:
-                raise CalibrationError(
-                    f"calibration statistics {path} were collected for another {key} "
-                    f"({meta.get(key)!r}, expected {value!r}); delete the file (rm {path}) "
-                    "to recollect."
-                )
-        damaged = sorted(n for n, g in grams.items() if checksums.get(n) != tensor_checksum(g))
-        if damaged:
-            raise CalibrationError(
-                f"calibration statistics {path} are damaged (checksum mismatch in "
-                f"{damaged[:3]}); delete the file (rm {path}) and rerun to recollect them."
-            )
+        grams, fields = load_checked(
+            path,
+            "calibration statistics",
+            version=FORMAT_VERSION,
+            fields=("samples", "aliases", "meta"),
+            expect=expect,
+        )
         for name, gram in grams.items():
             if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
                 raise CalibrationError(f"{path}: Gram of {name} is not square; delete it.")
             if not torch.isfinite(gram).all():
                 raise CalibrationError(f"{path}: Gram of {name} holds NaN/Inf; delete it.")
-        return cls(
-            grams=grams, samples={k: int(v) for k, v in samples.items()}, aliases=aliases, meta=meta
+        samples = {k: int(v) for k, v in fields["samples"].items()}
+        return cls(grams=grams, samples=samples, aliases=fields["aliases"], meta=fields["meta"])
+
+
+def save_checked(
+    path: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    fields: Mapping[str, Any],
+    *,
+    version: int,
+) -> Path:
+    """Atomically write ``tensors`` as safetensors with a format version, per-tensor
+    checksums and ``fields`` (JSON values) in the header; read back by :func:`load_checked`."""
+    from safetensors.torch import save
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {
+        "format": str(version),
+        "checksums": json.dumps({k: tensor_checksum(v) for k, v in tensors.items()}),
+        **{k: json.dumps(v, default=str) for k, v in fields.items()},
+    }
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=header)
+    atomic_write_bytes(path, data)
+    return path
+
+
+def load_checked(
+    path: str | Path,
+    what: str,
+    *,
+    version: int,
+    fields: Sequence[str],
+    expect: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and header ``fields`` of a file written by :func:`save_checked`.
+
+    Refuses (:class:`CalibrationError`, naming the ``rm`` command) a missing, unreadable,
+    damaged (checksum) or stale file (``expect`` differs from the header's ``meta``); a
+    file of another format version raises :class:`CalibrationFormatError` (a cache: the
+    caller may recompute it). ``what`` names the file's content in the messages.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationError(f"{what} {path} do not exist.")
+    remedy = f"delete the file (rm {path}) and rerun to recompute them"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except Exception as err:  # safetensors raises its own types on damage
+        raise CalibrationError(f"{what} {path} are unreadable ({err}); {remedy}.") from None
+    if header.get("format") != str(version):
+        raise CalibrationFormatError(
+            f"{what} {path} have format {header.get('format')!r}, this tnexp writes "
+            f"{version}; {remedy}."
         )
+    try:
+        checksums = json.loads(header["checksums"])
+        values = {k: json.loads(header[k]) for k in fields}
+    except (KeyError, ValueError) as err:
+        raise CalibrationError(f"{what} {path} have a damaged header ({err}); {remedy}.") from None
+    meta = values.get("meta") or {}
+    for key, value in (expect or {}).items():
+        if meta.get(key) != value:
+            raise CalibrationError(
+                f"{what} {path} were computed for another {key} ({meta.get(key)!r}, expected "
+                f"{value!r}); {remedy}."
+            )
+    damaged = sorted(n for n, t in tensors.items() if checksums.get(n) != tensor_checksum(t))
+    if damaged or set(checksums) != set(tensors):
+        raise CalibrationError(
+            f"{what} {path} are damaged (checksum mismatch in "
+            f"{(damaged or sorted(set(checksums) ^ set(tensors)))[:3]}); {remedy}."
+        )
+    return tensors, values
 
 
 def _linear_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -347,5 +376,7 @@ __all__ = [
     "InputStats",
     "collect_input_stats",
     "layer_input_rows",
+    "load_checked",
+    "save_checked",
     "stats_key",
 ]

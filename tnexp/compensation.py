@@ -33,12 +33,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from tnexp.calibration import layer_input_rows
+from tnexp.calibration import CalibrationError, layer_input_rows, load_checked, save_checked
 from tnexp.console import work_bar
 from tnexp.features import FeatureCapture, to_device
 from tnexp.slicing import SlicePlan, SlicePlanError
@@ -58,7 +59,14 @@ from tnexp.tn.tucker import TuckerConv2d
 
 log = logging.getLogger("tnexp")
 
-__all__ = ["CompensationResult", "compensate_slices", "slice_stages"]
+__all__ = [
+    "CompensationResult",
+    "compensate_slices",
+    "load_compensation",
+    "save_compensation",
+    "slice_stages",
+]
+FORMAT_VERSION = 1
 
 
 @dataclass
@@ -75,6 +83,51 @@ class CompensationResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"layers": self.layers, "stages": self.stages, "batches": self.batches}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompensationResult:
+        return cls(layers=data["layers"], stages=int(data["stages"]), batches=int(data["batches"]))
+
+
+def save_compensation(
+    path: str | Path, student: nn.Module, result: CompensationResult, meta: dict[str, Any]
+) -> Path:
+    """Write the refitted layers' tensors of ``student`` and ``result`` (safetensors with
+    checksums, atomically) so that a rerun or another slice job loads them instead of
+    repeating the teacher pass (:func:`load_compensation`)."""
+    tensors = {
+        f"{name}.{key}": value
+        for name in result.layers
+        for key, value in student.get_submodule(name).state_dict().items()
+    }
+    fields = {"result": result.to_dict(), "meta": meta}
+    return save_checked(path, tensors, fields, version=FORMAT_VERSION)
+
+
+@torch.no_grad()
+def load_compensation(
+    path: str | Path, student: nn.Module, *, expect: dict[str, Any]
+) -> CompensationResult:
+    """Copy the refitted tensors saved by :func:`save_compensation` into ``student``.
+
+    Refuses a missing, damaged or stale file (``expect`` must match its ``meta``) and one
+    whose tensors do not fit ``student``, naming the ``rm`` command; ``student`` is only
+    changed once every tensor has been checked.
+    """
+    tensors, fields = load_checked(
+        path, "compensated layers", version=FORMAT_VERSION, fields=("result", "meta"),
+        expect=expect,
+    )  # fmt: skip
+    state = student.state_dict()
+    misfit = [k for k, v in tensors.items() if k not in state or state[k].shape != v.shape]
+    if misfit:
+        raise CalibrationError(
+            f"compensated layers {path} do not fit this student ({misfit[:3]}); delete the "
+            f"file (rm {path}) and rerun to recompute them."
+        )
+    for key, value in tensors.items():
+        state[key].copy_(value)
+    return CompensationResult.from_dict(fields["result"])
 
 
 class _Sums:

@@ -32,7 +32,12 @@ from tnexp.calibration import (
     collect_input_stats,
     stats_key,
 )
-from tnexp.compensation import CompensationResult, compensate_slices
+from tnexp.compensation import (
+    CompensationResult,
+    compensate_slices,
+    load_compensation,
+    save_compensation,
+)
 from tnexp.errors import ConfigError
 from tnexp.factory import (
     SPEC_FILE,
@@ -44,6 +49,7 @@ from tnexp.factory import (
     tensorize,
 )
 from tnexp.features import teacher_fingerprint
+from tnexp.integrity import canonical_json, tensor_checksum
 from tnexp.schema import CalibrationSettings, settings_dict
 from tnexp.slicing import make_slice_plan
 
@@ -196,7 +202,7 @@ def build_student(
     student, report = tensorize(teacher, spec, stats=stats, progress=progress)
     cal = calibration_settings(cfg)
     if stats is not None and cal is not None and cal.compensate:
-        compensate(cfg, teacher, student, datamodule, task)
+        compensate(cfg, teacher, student, datamodule, task, stats=stats, spec=spec)
     errors = [layer.output_error for layer in report.layers if layer.output_error is not None]
     if errors:
         log.info(
@@ -233,31 +239,72 @@ def load_student(
 
 
 def compensate(
-    cfg: DictConfig, teacher: torch.nn.Module, student: torch.nn.Module, datamodule: Any, task: Any
+    cfg: DictConfig,
+    teacher: torch.nn.Module,
+    student: torch.nn.Module,
+    datamodule: Any,
+    task: Any,
+    *,
+    stats: InputStats | None = None,
+    spec: TensorizeSpec | None = None,
 ) -> CompensationResult:
     """Refit later layers of each slice from the student's own inputs (tnexp.compensation).
 
     Uses the calibration batches (the same ones as the statistics: same RNG state, then
-    restored), so every run and slice job reaches the same student.
+    restored), so every run and slice job reaches the same student. With the ``stats``
+    the student was initialised from, the refitted layers are saved beside them, keyed by
+    the statistics' key, the spec, the student before the refit and the compensation
+    settings (file-locked like the statistics): a rerun or another slice job loads them
+    and reaches the bit-identical student without a teacher pass.
     """
     cal = calibration_settings(cfg) or CalibrationSettings()
     plan = make_slice_plan(student, cal.compensate_slicing)
     t = cfg.tensorize
-    with preserved_rng():
-        result = compensate_slices(
-            teacher,
-            student,
-            plan,
-            datamodule.train_dataloader(),
-            model_inputs=task.model_inputs,
-            num_batches=int(cal.num_batches),
-            damping=float(t.get("damping", 0.01)),
-            als_sweeps=int(t.get("als_sweeps", 4)),
-            als_tol=float(t.get("als_tol", 1e-4)),
-            device=_device(cfg),
-            progress=cfg.callbacks.get("progress_bar", "none") != "none",
-            chain=bool(cal.compensate_chain),
-        )
+    settings = {
+        "num_batches": int(cal.num_batches),
+        "damping": float(t.get("damping", 0.01)),
+        "als_sweeps": int(t.get("als_sweeps", 4)),
+        "als_tol": float(t.get("als_tol", 1e-4)),
+        "chain": bool(cal.compensate_chain),
+    }
+
+    def run() -> CompensationResult:
+        with preserved_rng():
+            return compensate_slices(
+                teacher,
+                student,
+                plan,
+                datamodule.train_dataloader(),
+                model_inputs=task.model_inputs,
+                device=_device(cfg),
+                progress=cfg.callbacks.get("progress_bar", "none") != "none",
+                **settings,
+            )
+
+    if stats is None or "key" not in stats.meta:
+        return run()
+    identity = {
+        "statistics": stats.meta["key"],
+        "spec": spec.to_dict() if spec is not None else None,
+        "student": canonical_json({k: tensor_checksum(v) for k, v in student.state_dict().items()}),
+        "slicing": cal.compensate_slicing,
+        **settings,
+    }
+    key = stats_key(identity)
+    directory = Path(cal.dir or Path(cfg.paths.cache_dir) / "calibration") / "compensation"
+    path = directory / f"{stats.meta['key']}-{key}.safetensors"
+    directory.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):  # concurrent slice jobs: one refits, all load
+        if path.is_file():
+            try:
+                result = load_compensation(path, student, expect={"key": key})
+                log.info("compensated layers loaded from %s", path)
+                return result
+            except CalibrationFormatError as err:  # an older tnexp's file: recompute it
+                log.warning("%s; recomputing", str(err).split(";")[0])
+        result = run()
+        save_compensation(path, student, result, {"key": key})
+        log.info("compensated layers (%d) saved to %s", len(result.layers), path)
     return result
 
 
