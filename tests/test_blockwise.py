@@ -542,6 +542,51 @@ def test_hydra_stage_equals_normal_local(resnet_teacher, tmp_path, offload, init
     assert list((tmp_path / "bounded" / "csv").glob("**/metrics.csv"))
 
 
+def test_disk_offload_accumulates_the_grams_block_by_block(resnet_teacher, tmp_path):
+    """offload=disk with a data-aware init: the statistics come from a calibration forward
+    that reads one block at a time, equal the normal mode's, and so does the student."""
+    from tnexp.calibration import InputStats
+
+    common = [
+        f"teacher.path={resnet_teacher}",
+        "tensorize.init=als",
+        "tensorize.als_sweeps=1",
+        "tensorize.calibration.num_batches=2",
+    ]
+    normal = run_stage(_cfg(tmp_path / "normal", *common))
+    disk = [*common, "method.memory_bounded.enabled=true", "method.memory_bounded.offload=disk"]
+    bounded = run_stage(_cfg(tmp_path / "bounded", *disk))
+    (online,) = (tmp_path / "normal" / "cache" / "calibration").glob("*.safetensors")
+    (paged,) = (tmp_path / "bounded" / "cache" / "calibration").glob("*.safetensors")
+    online, paged = InputStats.load(online), InputStats.load(paged)
+    assert online.layers == paged.layers and len(paged.layers) > 2
+    for name in online.layers:
+        assert torch.allclose(paged.gram(name), online.gram(name), rtol=1e-6, atol=1e-9), name
+    assert paged.samples == online.samples
+    errors = [layer["output_error"] for layer in bounded["tensorize"]["layers"]]
+    assert errors == pytest.approx(
+        [layer["output_error"] for layer in normal["tensorize"]["layers"]]
+    )
+    trained = load_file(str(tmp_path / "bounded" / "student" / "model.safetensors"))
+    expected = load_file(str(tmp_path / "normal" / "student" / "model.safetensors"))
+    assert _max_diff(trained, expected) <= TOL
+
+
+def test_disk_offload_refuses_compensation_and_adaptive_ranks(resnet_teacher, tmp_path):
+    disk = [
+        f"teacher.path={resnet_teacher}",
+        "tensorize.init=als",
+        "tensorize.calibration.num_batches=1",
+        "method.memory_bounded.enabled=true",
+        "method.memory_bounded.offload=disk",
+    ]
+    with pytest.raises(BlockwiseError, match="compensate=false"):
+        run_stage(_cfg(tmp_path / "a", *disk, "tensorize.calibration.compensate=true"))
+    adaptive = ["tensorize.cr=null", "tensorize.overall_cr=0.3", "tensorize.allocation=adaptive"]
+    with pytest.raises(BlockwiseError, match="allocation=uniform"):
+        run_stage(_cfg(tmp_path / "b", *disk, *adaptive))
+
+
 def test_hydra_hybrid_with_memory_bounded_is_a_clear_error(resnet_teacher, tmp_path):
     # method=hybrid has no method.memory_bounded (configs/method/hybrid.yaml): composition
     # refuses the override, and a node forced in with `+` is refused by the stage.

@@ -353,7 +353,8 @@ def collect_input_stats(
                 advance()
     finally:
         teacher.train(was_training)
-        teacher.to(home)
+        if device is not None:  # a skeleton paged from disk (meta parameters) stays put
+            teacher.to(home)
     if seen == 0:
         raise CalibrationError(
             "the calibration data yielded no batch; check the data set (train split) or "

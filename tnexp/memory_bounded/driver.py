@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from tnexp.calibration import InputStats
 from tnexp.callbacks import OptimizationTimer
 from tnexp.factory import (
     TensorizeReport,
@@ -100,13 +101,9 @@ def _stage_spec(spec: TensorizeSpec, shell: nn.Module, per_layer_cr: float | Non
         for r in spec.rules
         if used(r.pattern)
     ]
-    return TensorizeSpec(
-        rules=rules,
-        exclude=[e for e in spec.exclude if used(e)],
-        overall_cr=None,
-        contraction=spec.contraction,
-        tucker_order=spec.tucker_order,
-        order_timing=spec.order_timing,
+    # Everything else (damping, ALS sweeps, contraction...) as the whole-model spec says.
+    return dataclasses.replace(
+        spec, rules=rules, exclude=[e for e in spec.exclude if used(e)], overall_cr=None
     )
 
 
@@ -170,6 +167,12 @@ def _student_layout(
             "tnexp.memory_bounded.export_teacher_weights or by `tnexp method=pretrain`."
         )
     spec = TensorizeSpec.from_config(spec)
+    if spec.allocation != "uniform":
+        raise BlockwiseError(
+            f"offload=disk tensorizes block by block and cannot allocate ranks across the "
+            f"whole model (tensorize.allocation={spec.allocation!r}); use "
+            "tensorize.allocation=uniform or method.memory_bounded.offload=cpu."
+        )
     weights = WeightsFile(teacher_weights)
     retie(teacher)
     planned = plan_layers(teacher, spec)
@@ -196,6 +199,7 @@ def distill_blockwise(
     student: tuple[nn.Module, TensorizeReport] | None = None,
     loggers: Sequence[Any] = (),
     identity: Mapping[str, Any] | None = None,
+    input_stats: Callable[[TeacherBlocks, Sequence[str]], InputStats | None] | None = None,
 ) -> BlockwiseResult:
     """Train the tensorized slices of ``teacher`` block by block (see the module docstring).
 
@@ -216,6 +220,9 @@ def distill_blockwise(
             passes the one it built, so initialisation matches the normal mode).
         loggers: Lightning loggers (CSV, W&B) to receive the per-step losses.
         identity: extra values identifying the run for ``resume`` (data, seed, model).
+        input_stats: disk mode, data-aware inits: called with the paged teacher and the
+            block paths once the prefix and head are loaded; returns the input statistics
+            (collected with the blocks read from disk one at a time) the factory uses.
     """
     config = config or BlockwiseConfig()
     local = local or LocalConfig()
@@ -244,12 +251,17 @@ def distill_blockwise(
 
     # ---------------------------------------------------------------- host part (prefix/head)
     teacher_access = TeacherBlocks(teacher, weights)
+    grams: InputStats | None = None  # disk mode, data-aware inits: the teacher's input Grams
     if weights is not None:
         # Everything outside the blocks (stem / embeddings, head) lives in host memory.
         materialize_outside(teacher, weights, block_paths)
+        if input_stats is not None:
+            grams = input_stats(teacher_access, block_paths)
         if outside:
             shell = StageShell(teacher, outside)
-            rest_student, rest_report = tensorize(shell, _stage_spec(spec, shell, per_layer_cr))
+            rest_student, rest_report = tensorize(
+                shell, _stage_spec(spec, shell, per_layer_cr), stats=grams
+            )
             rest = {n: rest_student.get_submodule(n) for n in outside}
             layer_reports.update({layer.name: layer for layer in rest_report.layers})
 
@@ -362,7 +374,7 @@ def distill_blockwise(
             elif disk_student:
                 with torch.no_grad():
                     spec_here = _stage_spec(spec, t_shell, per_layer_cr)
-                    s_shell, stage_report = tensorize(t_shell, spec_here)
+                    s_shell, stage_report = tensorize(t_shell, spec_here, stats=grams)
                 layer_reports.update({layer.name: layer for layer in stage_report.layers})
             else:
                 s_shell = t_shell  # a dense block: the student's is the teacher's

@@ -14,12 +14,14 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from tnexp.calibration import InputStats
 from tnexp.config import plain as _plain
 from tnexp.factory import count_parameters, needs_input_stats, save_tensorized
 from tnexp.features import to_device
 from tnexp.memory_bounded.config import HOST, BlockwiseConfig, BlockwiseError
 from tnexp.memory_bounded.driver import distill_blockwise
 from tnexp.memory_bounded.replay import batches_per_epoch
+from tnexp.memory_bounded.teacher import TeacherBlocks
 from tnexp.memory_bounded.weights import build_skeleton, export_teacher_weights
 from tnexp.modules.tensorization import LocalConfig
 from tnexp.results import Results, plain_config, run_name
@@ -34,7 +36,7 @@ from tnexp.stages.build import (
 )
 from tnexp.stages.evaluate import evaluate_language_model
 from tnexp.stages.loggers import build_loggers, finish_loggers
-from tnexp.stages.student import tensorize_spec
+from tnexp.stages.student import calibration_settings, calibration_stats, tensorize_spec
 
 log = logging.getLogger("tnexp")
 
@@ -103,11 +105,12 @@ def run_memory_bounded_stage(cfg: Any) -> dict[str, Any]:
         teacher, student, report = parts.teacher, parts.student, parts.report
         teacher_weights = None
     else:
-        if needs_input_stats(spec):
+        cal = calibration_settings(cfg)
+        if needs_input_stats(spec) and cal is not None and cal.compensate:
             raise BlockwiseError(
-                "data-aware tensorization (init whiten/als, layout auto) needs the teacher's "
-                "input statistics, which offload=disk does not collect block by block yet; "
-                "use method.memory_bounded.offload=cpu, or tensorize.init=svd."
+                "tensorize.calibration.compensate refits layers from the whole student's "
+                "activations, which offload=disk never holds; set "
+                "tensorize.calibration.compensate=false or method.memory_bounded.offload=cpu."
             )
         student = report = None
         teacher_weights = mb.get("teacher_weights") or (
@@ -145,6 +148,19 @@ def run_memory_bounded_stage(cfg: Any) -> dict[str, Any]:
         before = evaluate_language_model(cfg, datamodule, student, "before_training")
         if before:
             extra["before"] = before
+
+    def input_stats(paged: TeacherBlocks, blocks: list[str]) -> InputStats | None:
+        """offload=disk: the Grams of a calibration forward that reads one block at a time."""
+        return calibration_stats(
+            cfg,
+            paged.model,
+            spec,
+            datamodule,
+            task,
+            fingerprint=paged.weights.fingerprint(),
+            paged=paged.paged(blocks),
+        )
+
     started = time.time()
     result = distill_blockwise(
         teacher,
@@ -164,6 +180,7 @@ def run_memory_bounded_stage(cfg: Any) -> dict[str, Any]:
             "seed": int(cfg.seed),
             "teacher": str(teacher_weights or cfg.teacher.path),
         },
+        input_stats=input_stats if config.offload == "disk" else None,
     )
     wall = time.time() - started
     student_model = result.student

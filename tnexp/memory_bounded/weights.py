@@ -92,6 +92,14 @@ class WeightsFile:
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
+    def fingerprint(self) -> str:
+        """Checksum over the weight files' bytes (in file-name order): identifies the
+        teacher without loading it (keys its calibration statistics in disk mode)."""
+        from tnexp.integrity import bytes_checksum, file_checksum
+
+        files = sorted(set(self.where.values()))
+        return bytes_checksum(" ".join(file_checksum(f) for f in files).encode()).split(":")[1]
+
     def read(
         self, names: Sequence[str], device: torch.device | str = "cpu"
     ) -> dict[str, torch.Tensor]:

@@ -116,10 +116,16 @@ def calibration_stats(
     task: Any,
     *,
     force: bool = False,
+    fingerprint: str | None = None,
+    paged: contextlib.AbstractContextManager | None = None,
 ) -> InputStats | None:
     """The teacher's input statistics for the spec's layers, loaded or collected once.
 
     ``None`` when the spec needs none, unless ``force`` (analyses that want them anyway).
+    Memory-bounded ``offload=disk`` passes the teacher's skeleton, a ``fingerprint`` of
+    its weights file and ``paged`` (:meth:`tnexp.memory_bounded.teacher.TeacherBlocks.paged`):
+    the calibration forward then reads each block from disk just while it runs, so the
+    Grams are accumulated block by block and equal the online ones.
     """
     if not (force or needs_input_stats(spec)):
         return None
@@ -132,7 +138,7 @@ def calibration_stats(
             f"{num_batches}; set it to a positive number (e.g. 64) or use tensorize.init=svd."
         )
     names = [item.name for item in plan_layers(teacher, spec)]
-    fingerprint = teacher_fingerprint(teacher)
+    fingerprint = fingerprint or teacher_fingerprint(teacher)
     datamodule.setup("fit")
     identity = {
         "teacher": fingerprint,
@@ -154,14 +160,14 @@ def calibration_stats(
                 return stats
             except CalibrationFormatError as err:  # an older tnexp's file: recollect it
                 log.warning("%s; recollecting", str(err).split(";")[0])
-        with preserved_rng():
+        with preserved_rng(), paged or contextlib.nullcontext():
             stats = collect_input_stats(
                 teacher,
                 names,
                 datamodule.train_dataloader(),
                 model_inputs=task.model_inputs,
                 num_batches=num_batches,
-                device=_device(cfg),
+                device=_device(cfg) if paged is None else None,
                 progress=cfg.callbacks.get("progress_bar", "none") != "none",
                 meta={"key": key, "layers": len(names)},
             )
