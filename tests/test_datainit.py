@@ -331,3 +331,47 @@ def test_language_model_mlps_whitened_low_rank(family):
     for w, s in zip(white.layers, svd.layers, strict=True):
         assert w.layout == "lowrank" and w.in_factors[1] == 1
         assert w.output_error <= s.output_error + 1e-6, w.name
+
+
+def _als_vs_svd(model, pattern, batches, model_inputs, cr, **rule):
+    from tnexp.factory import plan_layers
+
+    spec = {"rules": [{"pattern": pattern, "cr": cr, **rule}], "als_sweeps": 2}
+    names = [p.name for p in plan_layers(model, TensorizeSpec.from_config(spec))]
+    stats = collect_input_stats(
+        model, names, batches, model_inputs=model_inputs, num_batches=len(batches)
+    )
+    _, svd = tensorize(model, {**spec, "rules": [{**spec["rules"][0], "init": "svd"}]}, stats=stats)
+    _, als = tensorize(model, {**spec, "rules": [{**spec["rules"][0], "init": "als"}]}, stats=stats)
+    return svd.layers, als.layers
+
+
+@pytest.mark.parametrize("which", ["resnet_tucker", "llama_balanced_mpo"])
+def test_als_is_never_worse_than_svd_on_any_layer_of_a_whole_model(which):
+    """Issue 10's target: per-layer output error of init als <= init svd on every layer."""
+    torch.manual_seed(0)
+    if which == "resnet_tucker":
+        from tnexp.models import small_resnet
+
+        model = small_resnet(num_classes=10, in_channels=1, width=8).eval()
+        images = torch.randn(16, 1, 16, 16)
+        images[:, :, :, 8:] *= 0.1  # a non-isotropic input
+        batches, inputs = [images[:8], images[8:]], (lambda b: b)
+        svd, als = _als_vs_svd(model, "layer*.*.conv*", batches, inputs, 0.5)
+    else:
+        from tiny_lm import small_llama
+
+        model = small_llama(hidden_size=48, intermediate_size=128)
+        g = torch.Generator().manual_seed(0)
+        batches = [{"input_ids": torch.randint(0, 50, (2, 24), generator=g)} for _ in range(2)]
+        svd, als = _als_vs_svd(
+            model, "model.layers.*.mlp.*_proj", batches, lambda b: b, 0.5, layout="balanced"
+        )
+    assert len(als) == len(svd) >= 6
+    worse = [
+        (a.name, a.output_error, s.output_error)
+        for a, s in zip(als, svd, strict=True)
+        if a.output_error > s.output_error + 1e-9
+    ]
+    assert not worse, worse
+    assert sum(a.output_error for a in als) < sum(s.output_error for s in svd)
