@@ -213,3 +213,39 @@ def test_damaged_or_stale_compensation_files_are_refused(teacher_dir, tmp_path):
     path.write_bytes(path.read_bytes()[:20])
     with pytest.raises(CalibrationError, match=f"rm {path}"):
         _student(cfg)
+
+
+def test_statistics_come_from_the_feature_cache_when_it_holds_every_layer_input(
+    teacher_dir, tmp_path
+):
+    from tnexp.calibration import InputStats
+
+    cfg = make_cfg(
+        tmp_path,
+        "method=local",
+        f"teacher.path={teacher_dir}",
+        "method.features=cached",
+        "method.slicing=layer",  # every slice is one layer: its input is the layer's
+        "method.cache.dtype=float32",
+        "tensorize.init=als",
+        "tensorize.als_sweeps=1",
+        "tensorize.calibration.num_batches=2",
+    )
+    run_stage(cfg)  # statistics online (no cache yet), then the feature cache
+    folder = tmp_path / "cache" / "calibration"
+    (online_path,) = folder.glob("*.safetensors")
+    online = InputStats.load(online_path)
+    _student(cfg)  # online statistics exist: loaded, nothing new
+    assert list(folder.glob("*.safetensors")) == [online_path]
+    online_path.unlink()
+    _student(cfg)  # none left: read from the cache, no teacher pass
+    (cached_path,) = folder.glob("*.safetensors")
+    cached = InputStats.load(cached_path)
+    assert cached.meta["source"] == "feature_cache"
+    assert cached.layers == online.layers
+    assert cached.samples == online.samples
+    # The cache's first samples (its capture order), not the online calibration batches:
+    # the same distribution, other samples (test_datainit checks equality on equal samples).
+    for name in online.layers:
+        gap = (cached.gram(name) - online.gram(name)).norm() / online.gram(name).norm()
+        assert gap < 0.25, (name, float(gap))

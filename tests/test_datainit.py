@@ -375,3 +375,35 @@ def test_als_is_never_worse_than_svd_on_any_layer_of_a_whole_model(which):
     ]
     assert not worse, worse
     assert sum(a.output_error for a in als) < sum(s.output_error for s in svd)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_grams_from_the_feature_cache_equal_the_online_ones(tmp_path, dtype):
+    from tnexp.calibration import input_stats_from_feature_cache
+    from tnexp.features import open_feature_cache, write_feature_cache
+    from tnexp.models import small_resnet
+    from tnexp.slicing import make_slice_plan
+
+    torch.manual_seed(0)
+    teacher = small_resnet(num_classes=10, in_channels=1, width=8).eval()
+    student, _ = tensorize(teacher, {"rules": [{"pattern": "layer*.*.conv*", "cr": 0.5}]})
+    plan = make_slice_plan(student, "block")  # a residual block's input is its conv1's
+    images = [torch.randn(4, 1, 16, 16) for _ in range(3)]
+    write_feature_cache(
+        tmp_path / "cache", teacher, plan, images, dataset_identity={"name": "made"},
+        dtype=dtype, progress=False,
+    )  # fmt: skip
+    cache = open_feature_cache(tmp_path / "cache")
+    first = [f"{p.paths[0]}.conv1" for p in plan]
+    cached = input_stats_from_feature_cache(teacher, first, cache, num_batches=2, batch_size=4)
+    online = collect_input_stats(teacher, first, images, model_inputs=lambda b: b, num_batches=2)
+    assert cached.meta["source"] == "feature_cache" and cached.meta["batches"] == 2
+    assert cached.samples == online.samples
+    tol = 1e-6 if dtype == "float32" else 2e-3  # a float16 cache rounds the inputs
+    for name in first:
+        assert torch.allclose(cached.gram(name), online.gram(name), rtol=tol, atol=tol), name
+    # conv2 reads conv1's output, which the cache does not hold: a clear error.
+    with pytest.raises(CalibrationError, match="layer1.0.conv2.*teacher pass"):
+        input_stats_from_feature_cache(
+            teacher, [*first, "layer1.0.conv2"], cache, num_batches=1, batch_size=4
+        )

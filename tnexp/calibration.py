@@ -204,6 +204,23 @@ def layer_input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     raise CalibrationError(f"no input statistics for a {type(module).__name__}.")
 
 
+def add_gram(
+    sums: dict[str, torch.Tensor], counts: dict[str, int], name: str, rows: torch.Tensor
+) -> None:
+    """Add one batch's ``rows^T rows`` to ``sums[name]`` and its row count to ``counts``.
+
+    The batch's Gram is taken in the input's precision (float32 at least: 2-4x faster than
+    float64 on CPUs; a float16 feature cache is widened first), summed in float64.
+    """
+    rows = rows if rows.dtype == torch.float64 else rows.float()
+    gram = (rows.T @ rows).double()
+    if name in sums:
+        sums[name] += gram
+    else:
+        sums[name] = gram
+    counts[name] = counts.get(name, 0) + rows.shape[0]
+
+
 class _StopForward(Exception):
     """Raised after the last hooked layer: the rest of the forward is not needed."""
 
@@ -273,16 +290,7 @@ class GramAccumulator:
                     raise CalibrationError(f"layer {name!r} shares its input inconsistently.")
                 return
             self._seen[key] = (name, x)
-            rows = layer_input_rows(module, x)
-            # One batch's Gram in the input's precision (float32 at least: 2-4x faster
-            # than float64 on CPUs), summed across batches in float64.
-            rows = rows if rows.dtype == torch.float64 else rows.float()
-            gram = (rows.T @ rows).double()
-            if name in self.sums:
-                self.sums[name] += gram
-            else:
-                self.sums[name] = gram
-            self.counts[name] = self.counts.get(name, 0) + rows.shape[0]
+            add_gram(self.sums, self.counts, name, layer_input_rows(module, x))
 
         return hook
 
@@ -364,6 +372,117 @@ def collect_input_stats(
     return acc.stats(info)
 
 
+def _within(name: str, path: str) -> bool:
+    return name == path or name.startswith(f"{path}.")
+
+
+@torch.no_grad()
+def layers_fed_by_slice_inputs(
+    model: nn.Module, plan: Any, layer_names: Sequence[str], samples: Mapping[str, torch.Tensor]
+) -> dict[str, str]:
+    """Which of ``layer_names`` take their slice's input itself: layer -> slice name.
+
+    Each slice of ``plan`` (a :class:`tnexp.slicing.SlicePlan`) runs once on its input in
+    ``samples``; a layer inside it whose call receives that very tensor (a one-layer
+    slice; ``conv1``/``downsample`` of a residual block; ``gate``/``up`` of an MLP slice)
+    has the slice input as its layer input, so its Gram can be read from cached features.
+    """
+    found: dict[str, str] = {}
+    for piece in plan:
+        x = samples.get(piece.name)
+        if x is None:
+            continue
+        inside = [n for n in layer_names if any(_within(n, q) for q in piece.paths)]
+
+        def hook(name: str, x: torch.Tensor = x, slice_name: str = piece.name) -> Callable:
+            def record(_module: nn.Module, args: tuple) -> None:
+                a = args[0] if args else None
+                if (
+                    isinstance(a, torch.Tensor)
+                    and a.data_ptr() == x.data_ptr()
+                    and a.shape == x.shape
+                    and a.stride() == x.stride()
+                ):
+                    found.setdefault(name, slice_name)
+
+            return record
+
+        handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in inside]
+        try:
+            piece.forward(model, x)
+        finally:
+            for handle in handles:
+                handle.remove()
+    return found
+
+
+def feature_cache_feeds(model: nn.Module, layer_names: Sequence[str], cache: Any) -> dict[str, str]:
+    """:func:`layers_fed_by_slice_inputs` for the slices of a feature cache (its first
+    sample): the layers whose Grams ``cache`` can give, each with its slice."""
+    samples = {s: value[0].unsqueeze(0).float() for s, value in cache[0][0].items()}
+    was_training = model.training
+    model.eval()
+    try:
+        return layers_fed_by_slice_inputs(model, cache.manifest.slice_plan(), layer_names, samples)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def input_stats_from_feature_cache(
+    model: nn.Module,
+    layer_names: Sequence[str],
+    cache: Any,
+    *,
+    num_batches: int,
+    batch_size: int,
+    meta: Mapping[str, Any] | None = None,
+) -> InputStats:
+    """The layers' input Grams read from a feature cache, without a teacher pass.
+
+    ``cache`` is a :class:`tnexp.features.FeatureCacheDataset`; its first ``num_batches``
+    batches of ``batch_size`` samples (cache order) are used. Every layer must take its
+    slice's cached input itself (:func:`layers_fed_by_slice_inputs`); otherwise a
+    :class:`CalibrationError` names the layers (collect those online). ``model`` (the
+    teacher) runs each slice once on one sample to find that out and gives the layers'
+    geometry (Conv2d patches). Layers fed the same slice input share one Gram.
+    """
+    from torch.utils.data import DataLoader
+
+    if num_batches < 1 or len(cache) == 0:
+        raise CalibrationError(
+            f"calibration from the feature cache needs at least one batch (num_batches="
+            f"{num_batches}, {len(cache)} cached samples)."
+        )
+    fed = feature_cache_feeds(model, layer_names, cache)
+    missing = [n for n in layer_names if n not in fed]
+    if missing:
+        raise CalibrationError(
+            f"layers {missing[:5]} do not take their slice's input, so the feature cache "
+            "does not hold their inputs; collect the statistics with a teacher pass."
+        )
+    owners: dict[str, str] = {}  # slice -> the layer whose Gram the others share
+    aliases = {}
+    for name in layer_names:
+        owner = owners.setdefault(fed[name], name)
+        if owner != name:
+            aliases[name] = owner
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    loader = DataLoader(cache, batch_size=batch_size, shuffle=False, collate_fn=cache.collate)
+    seen = 0
+    for features, _labels in loader:
+        if seen >= num_batches:
+            break
+        for slice_name, owner in owners.items():
+            x = features[slice_name][0]
+            add_gram(sums, counts, owner, layer_input_rows(model.get_submodule(owner), x.float()))
+        seen += 1
+    grams = {n: (total / counts[n]).cpu() for n, total in sums.items()}
+    info = {**dict(meta or {}), "batches": seen, "source": "feature_cache"}
+    return InputStats(grams, counts, aliases, info)
+
+
 def stats_key(parts: Mapping[str, Any]) -> str:
     """A short stable hash of what determines a statistics file."""
     text = json.dumps(parts, sort_keys=True, default=str)
@@ -375,8 +494,12 @@ __all__ = [
     "CalibrationFormatError",
     "GramAccumulator",
     "InputStats",
+    "add_gram",
     "collect_input_stats",
+    "feature_cache_feeds",
+    "input_stats_from_feature_cache",
     "layer_input_rows",
+    "layers_fed_by_slice_inputs",
     "load_checked",
     "save_checked",
     "stats_key",

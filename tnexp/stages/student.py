@@ -30,6 +30,8 @@ from tnexp.calibration import (
     CalibrationFormatError,
     InputStats,
     collect_input_stats,
+    feature_cache_feeds,
+    input_stats_from_feature_cache,
     stats_key,
 )
 from tnexp.compensation import (
@@ -148,9 +150,21 @@ def calibration_stats(
         "num_batches": num_batches,
         "layers": names,
     }
-    key = stats_key(identity)
     directory = Path(cal.dir or Path(cfg.paths.cache_dir) / "calibration")
-    path = directory / f"{fingerprint[:12]}-{key}.safetensors"
+
+    def file_for(identity: dict[str, Any]) -> tuple[str, Path]:
+        key = stats_key(identity)
+        return key, directory / f"{fingerprint[:12]}-{key}.safetensors"
+
+    key, path = file_for(identity)
+    # Statistics collected online are preferred; only when there are none does a feature
+    # cache that holds every layer's input replace the teacher pass (its own file, so all
+    # jobs that see the same files reach the same init).
+    cache = None
+    if not path.is_file() and paged is None:
+        cache = _covering_cache(cfg, teacher, names, fingerprint, identity["data"])
+    if cache is not None:
+        key, path = file_for({**identity, "source": str(cache.directory)})
     directory.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):  # concurrent slice jobs: one collects, all load
         if path.is_file():
@@ -160,20 +174,63 @@ def calibration_stats(
                 return stats
             except CalibrationFormatError as err:  # an older tnexp's file: recollect it
                 log.warning("%s; recollecting", str(err).split(";")[0])
+        meta = {"key": key, "layers": len(names)}
         with preserved_rng(), paged or contextlib.nullcontext():
-            stats = collect_input_stats(
-                teacher,
-                names,
-                datamodule.train_dataloader(),
-                model_inputs=task.model_inputs,
-                num_batches=num_batches,
-                device=_device(cfg) if paged is None else None,
-                progress=cfg.callbacks.get("progress_bar", "none") != "none",
-                meta={"key": key, "layers": len(names)},
-            )
+            if cache is not None:
+                stats = input_stats_from_feature_cache(
+                    teacher,
+                    names,
+                    cache,
+                    num_batches=num_batches,
+                    batch_size=int(datamodule.batch_size),
+                    meta=meta,
+                )
+                log.info("calibration statistics read from the feature cache %s", cache.directory)
+            else:
+                stats = collect_input_stats(
+                    teacher,
+                    names,
+                    datamodule.train_dataloader(),
+                    model_inputs=task.model_inputs,
+                    num_batches=num_batches,
+                    device=_device(cfg) if paged is None else None,
+                    progress=cfg.callbacks.get("progress_bar", "none") != "none",
+                    meta=meta,
+                )
         stats.save(path)
         log.info("calibration statistics (%d batches) saved to %s", stats.meta["batches"], path)
     return stats
+
+
+def _covering_cache(
+    cfg: DictConfig, teacher: torch.nn.Module, names: list[str], fingerprint: str, data: Any
+) -> Any:
+    """The teacher-feature cache of this configuration (``method.features=cached``) when
+    it exists, matches the teacher and holds every layer's input; else ``None``."""
+    from tnexp.features import FeatureCacheError, open_feature_cache
+    from tnexp.stages.feature_cache import feature_cache_dir
+
+    method = cfg.get("method") or {}
+    if method.get("features") != "cached":
+        return None
+    directory = feature_cache_dir(cfg, fingerprint)
+    try:
+        cache = open_feature_cache(
+            directory, teacher_fingerprint=fingerprint, dataset_identity=data
+        )
+    except (FeatureCacheError, OSError):
+        return None  # no cache (yet), or another teacher's: collect online
+    fed = feature_cache_feeds(teacher, names, cache)
+    if len(fed) < len(names):
+        log.info(
+            "the feature cache %s holds the inputs of %d of %d layers; collecting the "
+            "statistics with a teacher pass",
+            directory,
+            len(fed),
+            len(names),
+        )
+        return None
+    return cache
 
 
 def build_student(
