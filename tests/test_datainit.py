@@ -403,7 +403,7 @@ def test_grams_from_the_feature_cache_equal_the_online_ones(tmp_path, dtype):
     for name in first:
         assert torch.allclose(cached.gram(name), online.gram(name), rtol=tol, atol=tol), name
     # conv2 reads conv1's output, which the cache does not hold: a clear error.
-    with pytest.raises(CalibrationError, match="layer1.0.conv2.*teacher pass"):
+    with pytest.raises(CalibrationError, match=r"layer1\.0\.conv2.*teacher pass"):
         input_stats_from_feature_cache(
             teacher, [*first, "layer1.0.conv2"], cache, num_batches=1, batch_size=4
         )
