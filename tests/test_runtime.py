@@ -176,6 +176,28 @@ def test_stages_record_their_thread_choice_and_drop_to_one_for_tiny_work(tmp_pat
         assert recorded["data_workers"] == 0
 
 
+def test_timed_tucker_paths_train_while_the_first_step_is_counted(tmp_path, monkeypatch):
+    # Issue 14: `uv run tnexp` with timed Tucker paths crashed in its local stage. The
+    # policy counts the first step's FLOPs (FlopCounterMode, auto threads on 2 quiet
+    # cores), and timing inside that step broke backward. Local and global modules, with
+    # Tucker's order=auto timed (tensorize.order_timing=tucker).
+    from tnexp.tn.timing import TIMED_CHOICES
+
+    _quiet_two_cores(monkeypatch)
+    TIMED_CHOICES.clear()
+    teacher = tmp_path / "teacher"
+    run_stage(make_cfg(teacher, "method=pretrain"))
+    for method in ("local", "global"):
+        out = tmp_path / method
+        cfg = make_cfg(out, f"method={method}", f"teacher.path={teacher}",
+                       "tensorize.order_timing=tucker", "trainer.limit_train_batches=4")  # fmt: skip
+        results = run_stage(cfg)
+        assert results["runtime"]["step_gflop"] > 0  # the first step was counted
+        assert json.loads((out / "results.json").read_text())["epochs"] == 1
+    timed = [key for key in TIMED_CHOICES._entries if key[0][0] == "TuckerConv2d"]
+    assert any(key[1][3] for key in timed)  # later training steps timed their paths
+
+
 def test_only_auto_choices_are_refined_by_the_measured_work(monkeypatch):
     _quiet_two_cores(monkeypatch)
     apply_thread_policy()

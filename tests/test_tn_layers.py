@@ -223,6 +223,75 @@ def test_tucker_timing_picks_a_path_and_merge_export_unchanged():
     torch.testing.assert_close(tucker.to_conv()(x), out, atol=1e-5, rtol=1e-5)
 
 
+def _timed_layers() -> list[nn.Module]:
+    """A Tucker conv and an MPO linear, both choosing their path by timing."""
+    return [
+        TuckerConv2d.from_conv(nn.Conv2d(8, 8, 3, padding=1), cr=0.5, calibrate=True),
+        MPOLinear.from_linear(nn.Linear(64, 48), cr=0.3, calibrate=True),
+    ]
+
+
+def _layer_input(layer: nn.Module) -> torch.Tensor:
+    # Not a leaf, as inside a model: the step's graph reaches the layer's input.
+    shape = (2, 8, 6, 6) if isinstance(layer, TuckerConv2d) else (5, 64)
+    return torch.randn(shape, requires_grad=True) * 1.0
+
+
+def _step(layer: nn.Module) -> None:
+    layer(_layer_input(layer)).sum().backward()
+
+
+@pytest.mark.parametrize("watch", ["flop_counter", "save_on_cpu", "checkpoint"])
+def test_timed_paths_are_not_timed_while_the_graph_is_watched(watch):
+    # Issue 14: a Lightning callback counts the first step's FLOPs with FlopCounterMode,
+    # whose module tracker hooks every module input into the autograd graph; timing
+    # inside that step made backward fail ("A leaf node was passed to
+    # _will_engine_execute_node"). Such a forward picks by FLOPs and caches nothing.
+    from torch.utils.checkpoint import checkpoint
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for layer in _timed_layers():
+        TIMED_CHOICES.clear()
+        if watch == "flop_counter":
+            with FlopCounterMode(display=False) as counter:
+                _step(layer)
+            layer.contraction = layer.order = layer.last_order  # the same path, forced
+            with FlopCounterMode(display=False) as forced:
+                _step(layer)
+            layer.contraction = layer.order = "auto"
+            assert counter.get_total_flops() == forced.get_total_flops()  # no timing runs
+        elif watch == "save_on_cpu":
+            with torch.autograd.graph.save_on_cpu():
+                _step(layer)
+        else:
+            for reentrant in (False, True):
+                checkpoint(layer, _layer_input(layer), use_reentrant=reentrant).sum().backward()
+        # (The reentrant checkpoint's first forward runs without gradients: timed as such.)
+        assert not [key for key in TIMED_CHOICES._entries if key[1][3]], watch
+        _step(layer)  # unwatched: timed now, and cached
+        assert [key for key in TIMED_CHOICES._entries if key[1][3]]
+
+
+def test_timing_runs_do_not_reach_module_hooks():
+    # Timing calls the convolutions functionally: hooks (a profiler's, a feature capture's,
+    # torch's global module hooks) see the layer's real forward only.
+    TIMED_CHOICES.clear()
+    layer = TuckerConv2d.from_conv(nn.Conv2d(8, 8, 3, padding=1), cr=0.5, calibrate=True)
+    seen = []
+    hooks = [m.register_forward_hook(lambda *a: seen.append(1)) for m in layer.children()]
+    handle = nn.modules.module.register_module_forward_hook(lambda *a: seen.append(2))
+    try:
+        layer(_layer_input(layer)).sum().backward()
+    finally:
+        handle.remove()
+        for hook in hooks:
+            hook.remove()
+    assert len(TIMED_CHOICES._entries) == 1  # it did time
+    # The real forward: the tucker layer (global hook), plus its three convs if factored.
+    convs = 0 if layer.last_order == "merged" else 3
+    assert (seen.count(1), seen.count(2)) == (convs, 1 + convs)
+
+
 def test_tucker_ranks_hit_cr():
     for c_out, c_in in [(64, 64), (128, 64), (256, 256), (512, 512)]:
         for cr in (0.5, 0.7):

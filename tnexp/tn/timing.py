@@ -63,13 +63,19 @@ def input_key(x: torch.Tensor, size: Hashable, grad: bool) -> tuple:
 
 
 def timing_allowed(x: torch.Tensor) -> bool:
-    """False while tracing, compiling or capturing a CUDA graph, and in deterministic mode.
+    """Whether a layer may time its paths on ``x`` now; else it chooses by FLOPs.
 
-    The layers then choose by FLOPs (or reuse a cached choice). Under
-    ``torch.use_deterministic_algorithms(True)`` (Lightning's ``deterministic=True``) a
-    timed choice could differ between two runs and change results at float-error level.
+    False in deterministic mode (``torch.use_deterministic_algorithms(True)``, Lightning's
+    ``deterministic=True``: a timed choice could differ between two runs and change results
+    at float-error level), while tracing, compiling or capturing a CUDA graph, and while
+    something watches or rewrites the autograd graph being built, since the timing runs
+    would then become part of what it watches (:func:`graph_is_watched`). Such a forward
+    reuses a cached choice or picks by FLOPs without caching it, so a later plain forward
+    of the same shape still times.
     """
     if torch.are_deterministic_algorithms_enabled():
+        return False
+    if graph_is_watched():
         return False
     if torch.jit.is_scripting() or torch.jit.is_tracing():
         return False
@@ -79,6 +85,23 @@ def timing_allowed(x: torch.Tensor) -> bool:
     if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
     return not x.is_meta
+
+
+def graph_is_watched() -> bool:
+    """True under a torch function or dispatch mode, saved-tensor hooks, or in a backward.
+
+    Modes: ``FlopCounterMode`` (Lightning callbacks count a step's FLOPs with it; its
+    module tracker hooks every module input into the autograd graph, and a timing
+    ``autograd.grad`` inside the step then fails with "A leaf node was passed to
+    _will_engine_execute_node", issue 14), fake/meta tensor modes, debug modes. Saved-tensor
+    hooks: non-reentrant activation checkpointing and ``save_on_cpu`` would pack the timing
+    runs' tensors. In a backward: reentrant checkpointing recomputes the forward there.
+    """
+    if torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack():
+        return True
+    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        return True
+    return torch._C._current_graph_task_id() != -1
 
 
 def fastest_path(
@@ -93,7 +116,10 @@ def fastest_path(
 
     With ``grad`` each sample is a forward plus ``torch.autograd.grad`` of the output with
     respect to ``params`` (and ``x`` when it requires grad), so nothing accumulates into
-    ``.grad``; without, a forward under ``torch.no_grad()``.
+    ``.grad``; without, a forward under ``torch.no_grad()``. The samples run on a detached
+    copy of ``x``, in a graph of their own; ``paths`` must not call modules (``module(x)``
+    runs forward hooks, global ones too, that would see the timing runs): use functional
+    calls. Callers check :func:`timing_allowed` first.
     """
     if not paths:
         raise ValueError("fastest_path needs at least one path.")
