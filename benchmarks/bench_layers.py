@@ -504,20 +504,21 @@ def bench_mpo(args, device: torch.device, results: dict) -> None:
 # --------------------------------------------------------------------------- Tucker
 def bench_tucker(args, device: torch.device, results: dict) -> None:
     dtype = torch.float32
-    for channels, pixels in RESNET34_SHAPES:
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    for channels, pixels in conv_shapes(args.conv_shapes):
         key = f"{channels}ch_{pixels}px"
-        if args.conv_shapes and key not in args.conv_shapes:
-            continue
         torch.manual_seed(0)
         conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False, device=device, dtype=dtype)
-        x = torch.randn(
-            args.batch, channels, pixels, pixels, device=device, dtype=dtype, requires_grad=True
-        )
+        conv = conv.to(memory_format=layout)
+        x = torch.randn(args.batch, channels, pixels, pixels, device=device, dtype=dtype)
+        x = x.contiguous(memory_format=layout).requires_grad_()
         g = torch.randn_like(x)
         variants = {"nn.Conv2d": fwd_bwd_step(conv, x, g)}
-        ranks, autos = {}, {}
+        ranks, autos, flop_choice = {}, {}, {}
         for cr in args.tucker_crs:
-            tucker = TuckerConv2d.from_conv(conv, cr=cr, init="random")
+            tucker = TuckerConv2d.from_conv(conv, cr=cr, init="random").to(memory_format=layout)
+            costs = tucker.costs(tuple(x.shape))
+            flop_choice[str(cr)] = min(costs, key=costs.__getitem__)
             ranks[str(cr)] = list(tucker2_ranks_for_cr(channels, channels, (3, 3), cr))
             autos[str(cr)] = tucker
             variants[f"tucker_cr{cr}"] = fwd_bwd_step(tucker, x, g)  # auto: warm-up times
@@ -538,7 +539,9 @@ def bench_tucker(args, device: torch.device, results: dict) -> None:
             "pixels": pixels,
             "batch": args.batch,
             "ranks_out_in": ranks,
+            "channels_last": args.channels_last,
             "auto_choice": {cr: layer.last_order for cr, layer in autos.items()},
+            "flop_choice": flop_choice,
             "timings": timings,
             "vs_dense": {
                 str(cr): paired_ratio(timings[f"tucker_cr{cr}"], timings["nn.Conv2d"])
@@ -553,6 +556,28 @@ def bench_tucker(args, device: torch.device, results: dict) -> None:
             },
         }
         del x, g
+
+
+def conv_shapes(keys: list[str] | None) -> list[tuple[int, int]]:
+    """(channels, pixels) per ``--conv-shapes`` key like ``64ch_32px``; ResNet-34's by default."""
+    if not keys:
+        return list(RESNET34_SHAPES)
+    shapes = []
+    for key in keys:
+        channels, _, pixels = key.partition("ch_")
+        if not (channels.isdigit() and pixels.endswith("px") and pixels[:-2].isdigit()):
+            raise SystemExit(f"--conv-shapes: {key!r} is not like 64ch_32px")
+        shapes.append((int(channels), int(pixels[:-2])))
+    return shapes
+
+
+def best_path_ratio(entry: dict, cr: str, choice: str) -> dict:
+    """A Tucker path's time over the quicker forced path's (1.0 when it is the quicker one)."""
+    tm = entry["timings"]
+    best = min(("factored", "merged"), key=lambda p: tm[f"tucker_cr{cr}_{p}"]["median_s"])
+    return paired_ratio(tm[f"tucker_cr{cr}_{choice}"], tm[f"tucker_cr{cr}_{best}"]) | {
+        "best": best
+    }
 
 
 # --------------------------------------------------------------------------- report
@@ -641,6 +666,27 @@ def evaluate_targets(args, results: dict) -> list[dict]:
                     "status": verdict(r["ratio"] <= limit),
                 }
             )
+        for key, entry in tucker.items():
+            for cr in map(str, args.tucker_crs):
+                for how, choice in (
+                    ("timed", entry["auto_choice"][cr]),
+                    ("FLOP", entry.get("flop_choice", {}).get(cr)),
+                ):
+                    if choice is None:
+                        continue
+                    r = best_path_ratio(entry, cr, choice)
+                    targets.append(
+                        {
+                            "target": f"Tucker CR {cr} {key}: {how} choice ({choice}) within "
+                            f"10% of the quicker path ({r['best']})",
+                            "value": r["ratio"],
+                            "spread": [r["paired_min"], r["paired_max"]],
+                            "ratio_of_mins": r["ratio_of_mins"],
+                            "quiet": (r["quiet_paired_median"], r["quiet_pairs"]),
+                            "limit": TARGET_AUTO_VS_BEST,
+                            "status": verdict(r["ratio"] <= TARGET_AUTO_VS_BEST),
+                        }
+                    )
         total_t = sum(e["timings"]["tucker_cr0.5"]["median_s"] for e in tucker.values())
         total_d = sum(e["timings"]["nn.Conv2d"]["median_s"] for e in tucker.values())
         targets.append(
@@ -822,7 +868,15 @@ def parse_args(argv=None):
     p.add_argument("--max-flop-ratio", type=float, default=50.0)
     p.add_argument("--only", choices=["mpo", "tucker"], default=None)
     p.add_argument("--mpo-shapes", nargs="+", default=None, help="subset, e.g. 1600x6400")
-    p.add_argument("--conv-shapes", nargs="+", default=None, help="subset, e.g. 64ch_32px")
+    p.add_argument(
+        "--conv-shapes", nargs="+", default=None, help="e.g. 64ch_32px (default: ResNet-34's)"
+    )
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="Tucker part: input, dense conv and Tucker layers in channels_last memory format",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument(
         "--merge",
         action="store_true",
@@ -859,6 +913,8 @@ def main(argv=None) -> int:
         print("--device cuda requested but CUDA is not available", file=sys.stderr)
         return 2
     device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.quiet_threshold >= 0:
         GATE.threshold, GATE.max_wait, GATE.budget = (
             args.quiet_threshold,
@@ -874,7 +930,7 @@ def main(argv=None) -> int:
     env = results["environment"]
     print(
         f"torch {env['torch']} on {env['device_name']}; torch threads {env['torch_num_threads']} "
-        f"(default, not changed), interop {env['torch_num_interop_threads']}; "
+        f"({'--threads' if args.threads else 'default, not changed'}), interop {env['torch_num_interop_threads']}; "
         f"repeats {args.repeats}, warm-up {args.warmup}",
         flush=True,
     )

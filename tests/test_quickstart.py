@@ -23,6 +23,13 @@ def quickstart(tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart") / "2026-01-01_00-00-00"
     mp = pytest.MonkeyPatch()
     mp.setenv("WANDB_MODE", "offline")  # nothing leaves the machine
+    # The training path of a bare `uv run tnexp` on a quiet 2-core machine: the default
+    # thread policy (auto, not the tests' OMP_NUM_THREADS=1) starts on 2 threads and counts
+    # each stage's first step with FlopCounterMode (issue 14: timed Tucker paths broke
+    # backward inside that step while every test passed on 1 thread).
+    mp.delenv("OMP_NUM_THREADS", raising=False)
+    mp.setattr("tnexp.runtime.usable_cores", lambda: 2)
+    mp.setattr("tnexp.runtime.others_busy_cores", lambda: 0.0)
     mp.setattr(sys, "argv", ["tnexp", *TINY, f"hydra.run.dir={out}"])
     import contextlib
     import io
@@ -63,6 +70,7 @@ def test_output_counts_stages_and_does_not_wrap(quickstart):
     assert "stage 1/3: pretraining the teacher" in log
     assert "stage 3/3: hybrid CR 0.5" in log
     assert log.count("GPU available") == 1  # Lightning's hardware lines once, no tips
+    assert "torch threads: 2 (auto" in log and "tiny step" in log  # the default policy ran
     assert "Tip" not in log
     # Not a terminal: one line per validation instead of a progress bar.
     assert "epoch 2/2: train/loss_step" in log and "val/top1" in log

@@ -152,7 +152,7 @@ def test_tucker_auto_order_timed_once_per_shape(monkeypatch):
 
     calls = []
 
-    def fake_fastest(paths, x, params, *, grad):
+    def fake_fastest(paths, x, params, *, grad, prefer):
         calls.append((tuple(x.shape), grad))
         return "merged", {name: 1.0 for name in paths}
 
@@ -449,7 +449,7 @@ def test_mpo_calibrated_auto_times_once_per_token_count(monkeypatch):
 
     calls = []
 
-    def fake_fastest(paths, x, params, *, grad):
+    def fake_fastest(paths, x, params, *, grad, prefer):
         calls.append((x.shape[0], grad, sorted(paths)))
         return "right_to_left", {name: 1.0 for name in paths}
 
@@ -578,3 +578,26 @@ def test_fastest_path_picks_the_quicker_and_leaves_grads_alone():
     )
     assert choice == "fast" and seconds["slow"] >= 0.01 > seconds["fast"]
     assert weight.grad is None  # timing used autograd.grad, nothing accumulated
+
+
+def test_fastest_path_keeps_the_preferred_path_unless_another_is_clearly_faster():
+    import time
+
+    from tnexp.tn.timing import PREFER_MARGIN, fastest_path
+
+    def sleeper(seconds):
+        def run(t):
+            time.sleep(seconds)
+            return t * 2
+
+        return run
+
+    x = torch.randn(3)
+    # 10 ms vs 10.2 ms: a tie within the margin keeps the preferred (FLOP) choice.
+    near = {"flops": sleeper(0.0102), "other": sleeper(0.010)}
+    choice, seconds = fastest_path(near, x, [], grad=False, prefer="flops")
+    if seconds["flops"] <= seconds["other"] * (1 + PREFER_MARGIN):  # sleep() can overshoot
+        assert choice == "flops"
+    # A clear win (5x) overrides it.
+    far = {"flops": sleeper(0.02), "other": sleeper(0.004)}
+    assert fastest_path(far, x, [], grad=False, prefer="flops")[0] == "other"

@@ -438,8 +438,9 @@ class MPOLinear(nn.Module):
         cached = TIMED_CHOICES.get(key)
         if cached is not None:
             return cached
+        by_flops = self._planner.plan(tokens, "auto")[0]
         if not timing_allowed(flat):
-            return self._planner.plan(tokens, "auto")[0]  # FLOPs; not cached as timed
+            return by_flops  # not cached as timed
         costs = self._planner.costs(tokens)
         cheapest = float(min(costs.values()))
         budget = self.memory_budget if self.memory_budget is not None else free_memory(flat)
@@ -454,7 +455,8 @@ class MPOLinear(nn.Module):
             )
         ] or [min(costs, key=costs.__getitem__)]
         paths = {o: (lambda t, o=o: self._contract(t, o)[0]) for o in candidates}
-        order, _ = fastest_path(paths, flat, list(self.parameters()), grad=grad)
+        params = list(self.parameters())
+        order, _ = fastest_path(paths, flat, params, grad=grad, prefer=by_flops)
         TIMED_CHOICES.put(key, order)
         return order
 
