@@ -8,8 +8,10 @@ stride, padding and dilation, and 1x1 ``r_out -> c_out`` (``U_out``) carrying th
 1x1 convolutions are bound by memory traffic and the merged kernel is as fast or faster
 although it costs more FLOPs. ``order="auto"`` times both once per input shape (dtype,
 device, gradient mode) and caches the quicker one process-wide (:mod:`tnexp.tn.timing`);
-with ``calibrate=False`` (or while tracing/compiling, or in deterministic mode) it picks
-by FLOPs instead (:meth:`TuckerConv2d.costs`).
+with ``calibrate=False`` (or while tracing/compiling, in deterministic mode, or while
+the autograd graph is watched: :func:`tnexp.tn.timing.timing_allowed`) it picks by FLOPs
+instead (:meth:`TuckerConv2d.costs`). Timing keeps the FLOP choice unless the other path
+was more than 10% faster.
 """
 
 from __future__ import annotations
