@@ -575,9 +575,7 @@ def best_path_ratio(entry: dict, cr: str, choice: str) -> dict:
     """A Tucker path's time over the quicker forced path's (1.0 when it is the quicker one)."""
     tm = entry["timings"]
     best = min(("factored", "merged"), key=lambda p: tm[f"tucker_cr{cr}_{p}"]["median_s"])
-    return paired_ratio(tm[f"tucker_cr{cr}_{choice}"], tm[f"tucker_cr{cr}_{best}"]) | {
-        "best": best
-    }
+    return paired_ratio(tm[f"tucker_cr{cr}_{choice}"], tm[f"tucker_cr{cr}_{best}"]) | {"best": best}
 
 
 # --------------------------------------------------------------------------- report
@@ -930,7 +928,8 @@ def main(argv=None) -> int:
     env = results["environment"]
     print(
         f"torch {env['torch']} on {env['device_name']}; torch threads {env['torch_num_threads']} "
-        f"({'--threads' if args.threads else 'default, not changed'}), interop {env['torch_num_interop_threads']}; "
+        f"({'--threads' if args.threads else 'default, not changed'}), "
+        f"interop {env['torch_num_interop_threads']}; "
         f"repeats {args.repeats}, warm-up {args.warmup}",
         flush=True,
     )

@@ -189,9 +189,8 @@ def test_timed_tucker_paths_train_while_the_first_step_is_counted(tmp_path, monk
     run_stage(make_cfg(teacher, "method=pretrain"))
     for method in ("local", "global"):
         out = tmp_path / method
-        cfg = make_cfg(out, f"method={method}", f"teacher.path={teacher}",
-                       "tensorize.order_timing=tucker", "trainer.limit_train_batches=4")  # fmt: skip
-        results = run_stage(cfg)
+        timed = "tensorize.order_timing=tucker"
+        results = run_stage(make_cfg(out, f"method={method}", f"teacher.path={teacher}", timed))
         assert results["runtime"]["step_gflop"] > 0  # the first step was counted
         assert json.loads((out / "results.json").read_text())["epochs"] == 1
     timed = [key for key in TIMED_CHOICES._entries if key[0][0] == "TuckerConv2d"]
