@@ -500,3 +500,27 @@ def test_sampler_and_dataloader(cache):
     assert labels.shape == (8,)
     assert feats["layer1.0"][0].shape == (8, 8, 16, 16)
     assert feats["layer4.0"][1].shape == (8, 64, 2, 2)
+
+
+def test_batched_read_equals_per_sample_collate(resnet, images, tmp_path):
+    """``__getitems__`` (what a DataLoader fetches: one gather per tensor and shard) gives
+    exactly the batch that stacking the per-sample items gives, across shard boundaries and
+    for a shard that recurs after another one (restored batch order)."""
+    teacher, student = resnet
+    plan = make_slice_plan(student, "block")
+    write(tmp_path / "c", teacher, plan, images, dtype="float16")  # shards of 12 samples
+    ds = open_feature_cache(tmp_path / "c", dtype="float16")
+    for indices in ([3, 0, 7], [10, 11, 12, 13, 30], [25, 2, 26, -1, 14, 3]):
+        batched = collate_features(ds.__getitems__(indices))
+        expected = collate_features([ds[i] for i in indices])
+        assert type(batched) is tuple and torch.equal(batched[1], expected[1])
+        assert list(batched[0]) == list(expected[0]) == plan.names()
+        for name in plan.names():
+            for got, want in zip(batched[0][name], expected[0][name]):
+                assert got.dtype == want.dtype and torch.equal(got, want)
+    with pytest.raises(IndexError, match="out of range"):
+        ds.__getitems__([0, len(ds)])
+    # A DataLoader uses the batched read (collate_features passes the batch through).
+    dl = DataLoader(ds, batch_size=8, sampler=ShardGroupedSampler(ds), collate_fn=ds.collate)
+    seen = torch.cat([labels for _, labels in dl])
+    assert sorted(seen.tolist()) == sorted(images[1].tolist())

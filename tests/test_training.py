@@ -358,3 +358,61 @@ def test_local_objective_sums_slices_passes_the_mask_and_names_a_nan_slice():
         NonFiniteLossError, match=r"slice 'layer1\.0' is nan at step 3 \(epoch 1, local phase\)"
     ):
         objective(student, bad, step=3, epoch=1, where=" of stage 'x'")
+
+
+def test_local_step_update_equals_the_per_slice_path():
+    """A local step (one summed loss, one backward, the fused Adam of configure_optimizers)
+    moves every slice exactly as training each slice alone does: its own loss, its own
+    backward, a per-tensor Adam (the path before issue 14)."""
+    import copy
+
+    from tnexp.features import FeatureCapture
+
+    module = _local_module()
+    reference = copy.deepcopy(module.student)  # trained slice by slice below
+    teacher = module.teacher
+    optimizer = module.configure_optimizers()
+    assert all(group.get("fused") for group in optimizer.param_groups)
+    ref_params = [p for s in module.plan for p in s.parameters(reference)]
+    ref_optimizer = torch.optim.Adam(ref_params, lr=optimizer.param_groups[0]["lr"], foreach=False)
+    torch.manual_seed(1)
+    batches = [(torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))) for _ in range(3)]
+    for step, (x, y) in enumerate(batches):
+        optimizer.zero_grad()
+        module._local_step((x, y)).backward()
+        ref_optimizer.zero_grad()
+        features = FeatureCapture(teacher, module.plan)(x)
+        for s in module.plan:
+            f = features[s.name]
+            loss = torch.nn.functional.mse_loss(s.forward(reference, f.input), f.output)
+            same = module.last_slice_losses[s.name]  # equal up to the Adam rounding below
+            assert torch.allclose(loss.detach(), same, rtol=1e-5) and (step or loss == same)
+            loss.backward()  # each slice alone
+        if step == 0:  # the summed loss gives each slice exactly its own gradient
+            for s in module.plan:
+                for p, q in zip(s.parameters(module.student), s.parameters(reference)):
+                    assert torch.equal(p.grad, q.grad)
+        optimizer.step()
+        ref_optimizer.step()
+    for s in module.plan:
+        for p, q in zip(s.parameters(module.student), s.parameters(reference)):
+            assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_local_step_skips_the_teacher_head_and_keeps_epoch_means():
+    module = _local_module()
+    calls = []
+    handle = module.teacher.fc.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        first = module._local_step((torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))))
+        step1 = dict(module.last_slice_losses)
+        module._local_step((torch.randn(3, 1, 8, 8), torch.randint(0, 10, (3,))))
+    finally:
+        handle.remove()
+    assert calls == []  # the teacher forward stops at the last slice's output
+    assert list(step1) == module.plan.names()
+    assert float(first.detach()) == pytest.approx(float(sum(step1.values())), rel=1e-6)
+    means = module.slice_loss_epoch_means()  # batch-size weighted, like Lightning's
+    for name, value in means.items():
+        expected = (6 * step1[name] + 3 * module.last_slice_losses[name]) / 9
+        assert value == pytest.approx(float(expected), rel=1e-6)

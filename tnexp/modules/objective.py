@@ -8,6 +8,7 @@ summed loss, the logged values and the parameters the local phase trains.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -150,24 +151,42 @@ class LocalObjective:
         per_slice: dict[str, torch.Tensor] = {}
         for s in self.slices:
             pair = pairs[s.name]
-            prediction = s.forward(student, pair.input.to(dtype), **pair.kwargs)
+            prediction = s.forward(student, _as_dtype(pair.input, dtype), **pair.kwargs)
             # Each slice's graph is disjoint from the others', so the summed loss gives each
             # slice exactly the gradient it would get if it were trained alone.
-            loss = self.loss(prediction, pair.target.to(prediction.dtype), **extra)
-            if not torch.isfinite(loss).all():  # name the slice that went bad
-                raise NonFiniteLossError(
-                    f"slice {s.name!r} is {float(loss.detach().float().max())} at step {step} "
-                    f"(epoch {epoch}, local phase){where}. Training stopped; lower the learning "
-                    f"rate (method.local.optimizer.lr), check the inputs for NaN, or "
-                    f"{self.resume_hint}."
-                )
-            per_slice[s.name] = loss
+            per_slice[s.name] = self.loss(
+                prediction, _as_dtype(pair.target, prediction.dtype), **extra
+            )
         total = torch.stack(list(per_slice.values())).sum()
+        # One host sync per step (this read of the sum) instead of one per slice: a NaN/Inf
+        # slice makes the sum non-finite, and only then are the slices looked at one by one
+        # to name the bad one.
+        value = float(total.detach())
+        if not math.isfinite(value):
+            self._raise_non_finite(per_slice, step=step, epoch=epoch, where=where)
         self.guard.check(
-            total,
+            value,
             phase="local",
             what=f"local loss (sum over slices){where}",
             step=step,
             epoch=epoch,
         )
         return LocalLosses(per_slice, total)
+
+    def _raise_non_finite(
+        self, per_slice: Mapping[str, torch.Tensor], *, step: int, epoch: int, where: str
+    ) -> None:
+        """Raise naming the first slice (plan order) whose loss is NaN/Inf."""
+        for name, loss in per_slice.items():
+            if not bool(torch.isfinite(loss).all()):
+                raise NonFiniteLossError(
+                    f"slice {name!r} is {float(loss.detach().float().max())} at step {step} "
+                    f"(epoch {epoch}, local phase){where}. Training stopped; lower the learning "
+                    f"rate (method.local.optimizer.lr), check the inputs for NaN, or "
+                    f"{self.resume_hint}."
+                )
+
+
+def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` in ``dtype``; the tensor itself (no cast op) when it already is."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)

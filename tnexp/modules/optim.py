@@ -35,11 +35,37 @@ class OptimizerConfig(OptimizerSettings):
         return cfg
 
 
+# Devices on which torch's fused (one kernel over all parameters) Adam/AdamW runs.
+FUSED_DEVICES = ("cpu", "cuda")
+
+
 def build_optimizer(params: Iterable[Any], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """The optimizer of ``cfg`` over ``params`` (tensors or parameter-group dicts).
+
+    Adam/AdamW use torch's fused implementation where every parameter is a floating-point
+    tensor on the CPU or a CUDA device: one kernel for all parameters instead of about ten
+    small ops per parameter (on the CPU 1.8 ms instead of 8.7 ms per step for the 94
+    tensors of the Fashion-MNIST ResNet-18; docs/benchmarks.md). The update is the same
+    Adam update up to float rounding.
+    """
+    groups = list(params)
     kwargs: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
     if cfg.name == "sgd":
         kwargs.update(momentum=cfg.momentum, nesterov=True)
-    return OPTIMIZERS[cfg.name](params, **kwargs)
+    elif _fusable(groups):
+        kwargs["fused"] = True
+    return OPTIMIZERS[cfg.name](groups, **kwargs)
+
+
+def _fusable(groups: list[Any]) -> bool:
+    tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    return bool(tensors) and all(
+        isinstance(p, torch.Tensor)
+        and p.is_floating_point()
+        and p.device.type in FUSED_DEVICES
+        and p.device == tensors[0].device
+        for p in tensors
+    )
 
 
 def build_scheduler(

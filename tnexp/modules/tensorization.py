@@ -11,7 +11,7 @@ is global training of a dense model that has no teacher.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,14 @@ from torch import nn
 from tnexp.features import FeatureCapture
 from tnexp.modules.guard import DivergenceGuard, NonFiniteLossError, TrainingDivergedError
 from tnexp.modules.losses import attention_mask, get_distillation_loss, squared_error_sums
-from tnexp.modules.objective import TRAINABLE, LocalObjective, cached_pairs, feature_pairs
+from tnexp.modules.objective import (
+    TRAINABLE,
+    FeaturePair,
+    LocalLosses,
+    LocalObjective,
+    cached_pairs,
+    feature_pairs,
+)
 from tnexp.modules.optim import OptimizerConfig, build_optimizer, build_scheduler
 from tnexp.schema import GlobalSettings, LocalSettings
 from tnexp.slicing import SlicePlan, first_tensor
@@ -104,6 +111,10 @@ class TensorizationModule(L.LightningModule):
         self._teacher_capture: FeatureCapture | None = None
         self._student_capture: FeatureCapture | None = None
         self._optim_phase: str | None = None
+        # Local steps: the last per-slice losses (detached tensors, for callbacks) and the
+        # epoch's (names, batch-size-weighted sums, samples); see _record_slice_losses.
+        self.last_slice_losses: dict[str, torch.Tensor] = {}
+        self._slice_loss_sums: tuple[list[str], torch.Tensor, int] | None = None
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -190,7 +201,9 @@ class TensorizationModule(L.LightningModule):
     # ------------------------------------------------------------------ hooks
     def setup(self, stage: str) -> None:
         if self.teacher is not None and self.plan is not None:
-            self._teacher_capture = FeatureCapture(self.teacher, self.plan)
+            # stop_after_last: the teacher's forward ends at the last slice's output; its
+            # head (a classifier, an LM head over the vocabulary) is never needed here.
+            self._teacher_capture = FeatureCapture(self.teacher, self.plan, stop_after_last=True)
             if self.local_cfg.input_source == "student":
                 self._student_capture = FeatureCapture(
                     self.student, self.plan, capture_outputs=False, stop_after_last=True
@@ -219,8 +232,11 @@ class TensorizationModule(L.LightningModule):
                 optimizer.state.clear()
                 self._apply_phase_lrs(optimizer, method)
         self._set_train_modes(method)
+        self._slice_loss_sums = None
 
     def on_train_epoch_end(self) -> None:
+        for name, value in self.slice_loss_epoch_means().items():
+            self.log(f"train/slice/{name}_epoch", value, on_step=False, on_epoch=True)
         # Dataloaders are rebuilt before the next epoch starts, so set its batch size now.
         self._sync_datamodule(self.current_epoch + 1)
 
@@ -258,8 +274,21 @@ class TensorizationModule(L.LightningModule):
         loss = self.task.loss(outputs, batch)
         self._check_loss(loss, "global task loss")
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train/phase", 1.0, on_step=True)
+        if self._is_logging_step():
+            self.log("train/phase", 1.0, on_step=True)
         return loss
+
+    def _is_logging_step(self) -> bool:
+        """Whether the logger writes this step's values (every ``log_every_n_steps``).
+
+        Values logged on other steps never reach the logger, and every ``self.log`` call
+        costs about a millisecond on the CPU (docs/benchmarks.md), so constant and per-slice
+        values are logged on these steps only.
+        """
+        if self._trainer is None:
+            return True
+        every = max(1, int(getattr(self.trainer, "log_every_n_steps", 1) or 1))
+        return (self.global_step + 1) % every == 0 or self.global_step == 0
 
     def _timed_capture(self, capture: FeatureCapture, inputs: Any) -> dict[str, Any]:
         start = time.perf_counter()
@@ -286,10 +315,33 @@ class TensorizationModule(L.LightningModule):
         losses = self.objective(
             self.student, pairs, step=self.global_step, epoch=self.current_epoch, mask=mask
         )
-        for key, value in losses.metrics().items():
-            self.log(key, value, on_step=True, on_epoch=True, prog_bar=key == "train/loss")
-        self.log("train/phase", 0.0, on_step=True)
+        self.log("train/loss", losses.total, on_step=True, on_epoch=True, prog_bar=True)
+        self._record_slice_losses(losses, batch_size=_batch_size(pairs))
+        if self._is_logging_step():
+            for name, value in self.last_slice_losses.items():
+                self.log(f"train/slice/{name}_step", value, on_step=True, on_epoch=False)
+            self.log("train/phase", 0.0, on_step=True)
         return losses.total
+
+    def _record_slice_losses(self, losses: LocalLosses, *, batch_size: int) -> None:
+        """Keep this step's per-slice losses and add them to the epoch sums, on the device
+        and without a host sync (one stack and one add per step, not a log call per slice)."""
+        values = torch.stack([v.detach() for v in losses.per_slice.values()])
+        names = list(losses.per_slice)
+        self.last_slice_losses = dict(zip(names, values.unbind()))
+        if self._slice_loss_sums is None or self._slice_loss_sums[0] != names:
+            self._slice_loss_sums = (names, torch.zeros_like(values), 0)
+        _, sums, count = self._slice_loss_sums
+        sums.add_(values, alpha=batch_size)
+        self._slice_loss_sums = (names, sums, count + batch_size)
+
+    def slice_loss_epoch_means(self) -> dict[str, float]:
+        """Each slice's mean loss over this epoch's local steps so far (weighted by batch
+        size, as Lightning's epoch means are); empty before the first local step."""
+        if self._slice_loss_sums is None or self._slice_loss_sums[2] == 0:
+            return {}
+        names, sums, count = self._slice_loss_sums
+        return dict(zip(names, (sums / count).tolist()))
 
     def _check_loss(self, loss: torch.Tensor, what: str) -> None:
         self.guard.check(
@@ -351,6 +403,12 @@ class TensorizationModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tnexp"] = {"schedule": [p.__dict__ for p in self.schedule]}
+
+
+def _batch_size(pairs: Mapping[str, FeaturePair]) -> int:
+    """Samples in a local step: the leading dimension of the slices' inputs."""
+    first = next(iter(pairs.values())).input
+    return int(first.shape[0]) if first.dim() > 0 else 1
 
 
 def _is_cached_batch(batch: Any) -> bool:

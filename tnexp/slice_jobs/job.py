@@ -52,8 +52,11 @@ def _atomic_save_safetensors(
 class SliceLossRecorder(L.Callback):
     """Each trained slice's loss: epoch means and a log-spaced sample of steps.
 
-    Reads what :class:`~tnexp.modules.TensorizationModule` logs as ``train/slice/<name>``.
-    Steps kept: the first five, then powers of two, then the last one.
+    Reads the module's per-slice losses (:attr:`~tnexp.modules.TensorizationModule.
+    last_slice_losses` every step, :meth:`~tnexp.modules.TensorizationModule.
+    slice_loss_epoch_means` at epoch end), so it sees every step, not only the logger's.
+    Steps kept: the first five, then powers of two, then the last one; a loss is read to
+    the host only at the kept steps (and once for the last one).
     """
 
     def __init__(self, names: Sequence[str]) -> None:
@@ -62,32 +65,41 @@ class SliceLossRecorder(L.Callback):
         self.epochs: dict[str, list[dict[str, float]]] = {n: [] for n in self.names}
         self.steps: dict[str, list[list[float]]] = {n: [] for n in self.names}
         self.last: dict[str, list[float]] = {}
+        self._last_step: tuple[int, dict[str, torch.Tensor]] | None = None
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
     ) -> None:
         step = int(trainer.global_step)
-        metrics = trainer.callback_metrics
-        keep = step <= 5 or (step & (step - 1)) == 0
-        for name in self.names:
-            value = metrics.get(f"train/slice/{name}_step")
-            if value is None:
-                continue
-            point = [step, float(value)]
-            self.last[name] = point
-            if keep:
-                self.steps[name].append(point)
+        losses = getattr(pl_module, "last_slice_losses", {})
+        current = {n: losses[n] for n in self.names if n in losses}
+        if not current:
+            return
+        self._last_step = (step, current)
+        if step <= 5 or (step & (step - 1)) == 0:
+            for name, value in current.items():
+                self.steps[name].append([step, float(value)])
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        metrics = trainer.callback_metrics
+        means = (
+            pl_module.slice_loss_epoch_means()
+            if hasattr(pl_module, "slice_loss_epoch_means")
+            else {}
+        )
         for name in self.names:
-            value = metrics.get(f"train/slice/{name}_epoch")
-            if value is not None:
-                self.epochs[name].append(
-                    {"epoch": int(trainer.current_epoch), "loss": float(value)}
-                )
+            if name in means:
+                self.epochs[name].append({"epoch": int(trainer.current_epoch), "loss": means[name]})
+        self._flush_last()
+
+    def _flush_last(self) -> None:
+        """Read the latest step's losses to the host (``last``)."""
+        if self._last_step is not None:
+            step, values = self._last_step
+            self.last.update({n: [step, float(v)] for n, v in values.items()})
+            self._last_step = None
 
     def curve(self, name: str) -> dict[str, Any]:
+        self._flush_last()
         steps = list(self.steps.get(name, []))
         last = self.last.get(name)
         if last is not None and (not steps or steps[-1][0] != last[0]):
@@ -96,6 +108,7 @@ class SliceLossRecorder(L.Callback):
         return {"epochs": list(self.epochs.get(name, [])), "steps": steps, "final_step": final}
 
     def state_dict(self) -> dict[str, Any]:
+        self._flush_last()
         return {"epochs": self.epochs, "steps": self.steps, "last": self.last}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
