@@ -217,3 +217,62 @@ def test_groups_of_encoder_layers_replay_the_teacher():
     for s in plan:  # the attention mask reaches every layer of the group
         f = features[s.name]
         torch.testing.assert_close(s.forward(teacher, f.input, **f.kwargs), f.output)
+
+
+def _cached_batch(tmp_path, name, teacher, plan, batch):
+    from tnexp.features import collate_features, open_feature_cache, write_feature_cache
+
+    directory = tmp_path / name
+    write_feature_cache(
+        directory, teacher, plan, [batch], dataset_identity={"n": name}, dtype="float32"
+    )
+    cache = open_feature_cache(directory)
+    return cache, collate_features([cache[i] for i in range(len(cache))])
+
+
+def test_cached_text_features_keep_the_attention_mask(tmp_path, monkeypatch):
+    """Training from the cache leaves padded positions out, as online training does."""
+    teacher = tiny_bert()
+    student, _ = tensorize(teacher, FFN_SPEC)
+    plan = make_slice_plan(student, "block")
+    module = LocalDistillation(student, FeatureMatchingTask(), teacher=teacher, plan=plan)
+    module.setup("fit")
+    batches = (padded_batch(), with_new_padding(padded_batch()))
+    cached = [_cached_batch(tmp_path, f"c{i}", teacher, plan, b) for i, b in enumerate(batches)]
+    cache, first = cached[0]
+    assert cache.has_masks and cache.manifest.attention_mask == {
+        "dtype": "torch.int64",
+        "shape": [10],
+    }
+    torch.testing.assert_close(first[2], batches[0]["attention_mask"])
+    from_cache = [module._local_step(batch).item() for _, batch in cached]
+    assert math.isclose(*from_cache, rel_tol=1e-6)
+    assert math.isclose(from_cache[0], module._local_step(batches[0]).item(), rel_tol=1e-5)
+    # The check can fail: without the cached mask the padded positions change the loss.
+    unmasked = [module._local_step(batch[:2]).item() for _, batch in cached]
+    assert not math.isclose(*unmasked, rel_tol=1e-3)
+
+
+def test_a_version_1_cache_is_read_but_refused_for_padded_text(tmp_path):
+    import json
+
+    from tnexp.features import FeatureCacheError, open_feature_cache
+
+    teacher = tiny_bert()
+    student, _ = tensorize(teacher, FFN_SPEC)
+    plan = make_slice_plan(student, "block")
+    cache, _ = _cached_batch(tmp_path, "v1", teacher, plan, padded_batch())
+    manifest = tmp_path / "v1" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["format_version"] = 1  # what tnexp wrote before masks were stored
+    del data["attention_mask"]
+    manifest.write_text(json.dumps(data))
+    old = open_feature_cache(tmp_path / "v1")
+    assert not old.has_masks and not old.manifest.masks_recorded
+    assert "attention_mask" not in old.manifest.to_dict()  # its hash stays what it was
+    features, label = old[0]
+    assert set(features) == set(plan.names()) and label is None
+    old.check_masks(False)  # image-like data: nothing to miss
+    with pytest.raises(FeatureCacheError, match=r"format version 1.*rm -rf"):
+        old.check_masks(True)
+    cache.check_masks(True)  # a version-2 cache of the same batches has them

@@ -543,7 +543,8 @@ def test_forced_contraction_order_that_would_not_fit_is_refused():
 def test_mpo_svd_init_reaches_the_truncated_svd_optimum(shape):
     """The Gram-eigenvector truncation gives the Eckart-Young error of a full SVD."""
     from tnexp.tn.datainit import mpo_contract
-    from tnexp.tn.mpo import _truncated_split, mpo_svd, site_major
+    from tnexp.tn.linalg import truncated_split
+    from tnexp.tn.mpo import mpo_svd, site_major
 
     torch.manual_seed(0)
     in_dim, out_dim = shape
@@ -557,9 +558,29 @@ def test_mpo_svd_init_reaches_the_truncated_svd_optimum(shape):
     error = float((approx - weight).norm() / weight.norm())
     assert error == pytest.approx(optimum, rel=1e-9)
     for m, n in ((30, 50), (50, 30)):  # both branches: left factor orthonormal
-        u, rest = _truncated_split(torch.randn(m, n, dtype=torch.float64), 5)
+        u, rest = truncated_split(torch.randn(m, n, dtype=torch.float64), 5)
         torch.testing.assert_close(u.T @ u, torch.eye(5, dtype=torch.float64))
         assert rest.shape == (5, n)
+
+
+@pytest.mark.parametrize("rank", [3, 10, 20, 40])
+def test_truncated_split_is_eckart_young_optimal_and_exact_at_full_rank(rank):
+    """Subset (rank <= 40% of the Gram) and full eigensolver paths, and the exact split."""
+    from tnexp.tn.linalg import leading_eigenvectors, truncated_split
+
+    torch.manual_seed(1)
+    mat = torch.randn(40, 64, dtype=torch.float64) * torch.logspace(0, -2, 64)
+    s = torch.linalg.svdvals(mat)
+    for m in (mat, mat.T):  # both branches of the split
+        u, rest = truncated_split(m, rank)
+        torch.testing.assert_close(u.T @ u, torch.eye(rank, dtype=torch.float64))
+        error = float((u @ rest - m).norm())
+        assert error == pytest.approx(float(s[rank:].pow(2).sum().sqrt()), rel=1e-9, abs=1e-12)
+    gram = mat @ mat.T
+    vecs = leading_eigenvectors(gram, rank)
+    expected = torch.linalg.eigh(gram).eigenvectors[:, -rank:].flip(-1)
+    # Same subspace either way (the subset solver runs while rank <= 40% of the 40 rows).
+    torch.testing.assert_close(vecs @ vecs.T, expected @ expected.T)
 
 
 def test_fastest_path_picks_the_quicker_and_leaves_grads_alone():

@@ -7,9 +7,10 @@ once (re-running the teacher prefix per slice would cost O(L^2) layer evaluation
 *Cached*: :func:`write_feature_cache` (``writer.py``) stores those features for a whole
 dataloader in safetensors shards plus a ``manifest.json`` (``manifest.py``) that records
 what produced them (teacher fingerprint, dataset identity, slice plan, dtype, per-shard
-sizes and checksums). :func:`open_feature_cache` (``reader.py``) refuses any cache that
-does not match what the caller is about to train (stale teacher, other data, other slices,
-truncated shards, interrupted capture) and returns a :class:`FeatureCacheDataset`;
+sizes and checksums) and, for text, each sample's attention mask (format version 2).
+:func:`open_feature_cache` (``reader.py``) refuses any cache that does not match what the
+caller is about to train (stale teacher, other data, other slices, truncated shards,
+interrupted capture) and returns a :class:`FeatureCacheDataset`;
 per-slice jobs read only their own tensors. ``tensors.py`` holds the shared tensor
 plumbing (device moves, teacher fingerprints).
 """
@@ -19,6 +20,7 @@ from tnexp.features.manifest import (
     CACHE_DTYPES,
     FORMAT_VERSION,
     MANIFEST_FILE,
+    MASK_KEY,
     FeatureCacheError,
     FeatureCacheIntegrityError,
     FeatureCacheManifest,
@@ -31,13 +33,14 @@ from tnexp.features.reader import (
     collate_features,
     open_feature_cache,
 )
-from tnexp.features.tensors import teacher_fingerprint, to_device
+from tnexp.features.tensors import attention_mask, teacher_fingerprint, to_device
 from tnexp.features.writer import write_feature_cache
 
 __all__ = [
     "CACHE_DTYPES",
     "FORMAT_VERSION",
     "MANIFEST_FILE",
+    "MASK_KEY",
     "FeatureCacheDataset",
     "FeatureCacheError",
     "FeatureCacheIntegrityError",
@@ -46,6 +49,7 @@ __all__ = [
     "ShardGroupedSampler",
     "ShardInfo",
     "SliceFeatures",
+    "attention_mask",
     "clean_partials",
     "collate_features",
     "open_feature_cache",

@@ -25,6 +25,8 @@ __all__ = [
     "CACHE_DTYPES",
     "FORMAT_VERSION",
     "MANIFEST_FILE",
+    "MASK_KEY",
+    "READABLE_VERSIONS",
     "FeatureCacheError",
     "FeatureCacheIntegrityError",
     "FeatureCacheManifest",
@@ -37,8 +39,12 @@ __all__ = [
     "read_manifest",
 ]
 
-FORMAT_VERSION = 1
+# 2: text batches' attention masks are stored (``MASK_KEY`` in every shard) and the manifest
+# records whether the capture had them; version-1 caches are read, their masks unknown.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
+MASK_KEY = "attention_mask"
 CACHE_DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
@@ -88,9 +94,20 @@ class FeatureCacheManifest:
     labels: dict[str, Any] | None  # {"dtype", "shape"} per sample, None without labels
     created: str
     tnexp_version: str
+    # {"dtype", "shape"} per sample when the captured batches had an attention mask (stored
+    # under MASK_KEY), None when they had none; not recorded by version 1.
+    attention_mask: dict[str, Any] | None = None
+
+    @property
+    def masks_recorded(self) -> bool:
+        """Whether the cache says if its batches had attention masks (format version >= 2)."""
+        return self.format_version >= 2
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if not self.masks_recorded:  # a version-1 manifest keeps its own fields (and hash)
+            data.pop("attention_mask")
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FeatureCacheManifest:
@@ -168,10 +185,10 @@ def read_manifest(directory: Path) -> FeatureCacheManifest:
     try:
         data = json.loads(path.read_text())
         version = data.get("format_version") if isinstance(data, dict) else None
-        if version is not None and version != FORMAT_VERSION:
+        if version is not None and version not in READABLE_VERSIONS:
             raise FeatureCacheError(
                 f"feature cache {directory} has format version {version}, this tnexp reads "
-                f"version {FORMAT_VERSION}; {cache_remedy(directory)}."
+                f"versions {', '.join(map(str, READABLE_VERSIONS))}; {cache_remedy(directory)}."
             )
         manifest = FeatureCacheManifest.from_dict(data)
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, AttributeError) as err:

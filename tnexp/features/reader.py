@@ -13,6 +13,7 @@ from torch.utils.data import Dataset, Sampler
 
 from tnexp.features.manifest import (
     CACHE_DTYPES,
+    MASK_KEY,
     FeatureCacheError,
     FeatureCacheIntegrityError,
     FeatureCacheManifest,
@@ -113,31 +114,34 @@ def open_feature_cache(
 
 
 class FeatureBatch(tuple):
-    """``({slice: (inputs[B, ...], outputs[B, ...])}, labels[B] | None)`` read as one batch
-    by :meth:`FeatureCacheDataset.__getitems__`; :func:`collate_features` passes it on."""
+    """``({slice: (inputs[B, ...], outputs[B, ...])}, labels[B] | None[, mask[B, T]])`` read
+    as one batch by :meth:`FeatureCacheDataset.__getitems__`; :func:`collate_features`
+    passes it on."""
 
 
-def collate_features(
-    batch: Sequence[tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], Any]] | FeatureBatch,
-) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
-    """Stack samples into ``({slice: (inputs[B, ...], outputs[B, ...])}, labels[B])``.
+def collate_features(batch: Sequence[tuple] | FeatureBatch) -> tuple:
+    """Stack samples into ``({slice: (inputs[B, ...], outputs[B, ...])}, labels[B])``, plus
+    ``attention_mask[B, T]`` as a third element when the cache stores masks.
 
     A :class:`FeatureBatch` (a DataLoader fetches whole batches through the dataset's
     ``__getitems__``) is already stacked and comes back as that plain tuple.
     """
     if isinstance(batch, FeatureBatch):
-        return tuple(batch)  # type: ignore[return-value]
+        return tuple(batch)
     names = list(batch[0][0])
     features = {
         s: (torch.stack([b[0][s][0] for b in batch]), torch.stack([b[0][s][1] for b in batch]))
         for s in names
     }
     labels = None if batch[0][1] is None else torch.stack([b[1] for b in batch])
+    if len(batch[0]) > 2:
+        return features, labels, torch.stack([b[2] for b in batch])
     return features, labels
 
 
 class FeatureCacheDataset(Dataset):
-    """Per-sample ``({slice: (input, output)}, label)`` from a feature cache.
+    """Per-sample ``({slice: (input, output)}, label)`` from a feature cache, and the
+    sample's attention mask as a third element when the cache stores masks (text).
 
     Shards are loaded lazily, only the requested slices' keys (safetensors reads single
     tensors), and the last ``max_cached_shards`` stay in memory. Use
@@ -166,6 +170,7 @@ class FeatureCacheDataset(Dataset):
             )
         self.slice_names = [s for s in cached if s in set(slices)]
         self.has_labels = manifest.labels is not None
+        self.has_masks = manifest.attention_mask is not None
         self.max_cached_shards = max(1, int(max_cached_shards))
         counts = [s.num_samples for s in manifest.shards]
         self._starts = [sum(counts[:i]) for i in range(len(counts))]
@@ -176,6 +181,25 @@ class FeatureCacheDataset(Dataset):
     @property
     def dtype(self) -> torch.dtype:
         return CACHE_DTYPES[self.manifest.dtype]
+
+    def check_masks(self, data_has_masks: bool) -> None:
+        """Refuse a cache without the attention masks that the data's batches carry.
+
+        The distillation losses leave padded positions out (mask-aware); a version-1 cache
+        stored no masks, so training from it would count every padded position, unlike the
+        same run online.
+        """
+        if data_has_masks and not self.has_masks:
+            why = (
+                "was written by an older tnexp (format version 1), which stored no masks"
+                if not self.manifest.masks_recorded
+                else "holds no attention masks"
+            )
+            raise FeatureCacheError(
+                f"the training batches carry an attention mask (padded text), which the "
+                f"mask-aware local losses need, but the feature cache at {self.directory} "
+                f"{why}; recapture it so that it stores the masks: {cache_remedy(self.directory)}."
+            )
 
     def __len__(self) -> int:
         return self.manifest.num_samples
@@ -188,7 +212,8 @@ class FeatureCacheDataset(Dataset):
 
     def _keys(self) -> list[str]:
         keys = [f"{s}/{kind}" for s in self.slice_names for kind in ("input", "output")]
-        return [*keys, "labels"] if self.has_labels else keys
+        keys += ["labels"] if self.has_labels else []
+        return [*keys, MASK_KEY] if self.has_masks else keys
 
     def _shard(self, index: int) -> dict[str, torch.Tensor]:
         if index in self._cache:
@@ -230,9 +255,7 @@ class FeatureCacheDataset(Dataset):
                 f"file was damaged after the capture; {cache_remedy(self.directory)}."
             )
 
-    def __getitem__(
-        self, index: int
-    ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+    def __getitem__(self, index: int) -> tuple:
         n = len(self)
         if not -n <= index < n:
             raise IndexError(f"sample {index} out of range for a cache of {n} samples")
@@ -243,7 +266,10 @@ class FeatureCacheDataset(Dataset):
         features = {
             s: (tensors[f"{s}/input"][j], tensors[f"{s}/output"][j]) for s in self.slice_names
         }
-        return features, (tensors["labels"][j] if self.has_labels else None)
+        label = tensors["labels"][j] if self.has_labels else None
+        if self.has_masks:
+            return features, label, tensors[MASK_KEY][j]
+        return features, label
 
     def __getitems__(self, indices: Sequence[int]) -> FeatureBatch:
         """The samples ``indices`` as one stacked batch (what a DataLoader fetches).
@@ -283,7 +309,10 @@ class FeatureCacheDataset(Dataset):
             return out if restore is None else out.index_select(0, restore)
 
         features = {s: (gather(f"{s}/input"), gather(f"{s}/output")) for s in self.slice_names}
-        return FeatureBatch((features, gather("labels") if self.has_labels else None))
+        labels = gather("labels") if self.has_labels else None
+        if self.has_masks:
+            return FeatureBatch((features, labels, gather(MASK_KEY)))
+        return FeatureBatch((features, labels))
 
     # A module-level function (not a lambda) so DataLoader workers can pickle it.
     collate = staticmethod(collate_features)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "attention_mask",
     "detach",
     "model_device",
     "same_tensor",
@@ -17,6 +18,14 @@ __all__ = [
     "teacher_fingerprint",
     "to_device",
 ]
+
+
+def attention_mask(inputs: Any) -> torch.Tensor | None:
+    """The ``attention_mask`` of model inputs (a dict such as a tokenizer's output), if any."""
+    if isinstance(inputs, Mapping):
+        mask = inputs.get("attention_mask")
+        return mask if isinstance(mask, torch.Tensor) else None
+    return None
 
 
 def detach(value: Any) -> Any:

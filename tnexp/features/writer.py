@@ -19,6 +19,7 @@ from tnexp.features.manifest import (
     CACHE_DTYPES,
     FORMAT_VERSION,
     MANIFEST_FILE,
+    MASK_KEY,
     FeatureCacheError,
     FeatureCacheIntegrityError,
     FeatureCacheManifest,
@@ -28,7 +29,7 @@ from tnexp.features.manifest import (
     partial_dir_name,
 )
 from tnexp.features.reader import open_feature_cache
-from tnexp.features.tensors import teacher_fingerprint
+from tnexp.features.tensors import attention_mask, teacher_fingerprint
 from tnexp.integrity import atomic_write_json, sha256_file, tensor_checksum
 from tnexp.slicing import SlicePlan
 
@@ -62,7 +63,8 @@ class _ShardWriter:
     def add(self, tensors: dict[str, torch.Tensor], count: int) -> None:
         if self.buffer and set(tensors) != set(self.buffer):
             raise FeatureCacheError(
-                "batches yield different keys (labels present in some batches only)."
+                "batches yield different keys (labels or attention masks present in some "
+                "batches only)."
             )
         for key, value in tensors.items():
             self.buffer.setdefault(key, []).append(value)
@@ -199,6 +201,7 @@ def _capture_into(
     writer = _ShardWriter(work, shard_size)
     shapes: dict[str, dict[str, list[int]]] = {}
     label_info: dict[str, Any] | None = None
+    mask_info: dict[str, Any] | None = None
     checked = False
     try:
         total = len(dataloader)  # type: ignore[arg-type]
@@ -248,6 +251,15 @@ def _capture_into(
                     )
                 tensors["labels"] = labels.detach().cpu()
                 label_info = {"dtype": str(labels.dtype), "shape": list(labels.shape[1:])}
+            mask = attention_mask(inputs)
+            if mask is not None:  # text: padded positions stay out of the losses, as online
+                if mask.shape[0] != count:
+                    raise FeatureCacheError(
+                        f"the attention mask has {mask.shape[0]} rows for a batch of {count} "
+                        "samples."
+                    )
+                tensors[MASK_KEY] = mask.detach().cpu()
+                mask_info = {"dtype": str(mask.dtype), "shape": list(mask.shape[1:])}
             writer.add(tensors, count)
         writer.finish()
     if not writer.shards:
@@ -262,6 +274,7 @@ def _capture_into(
         shards=writer.shards,
         features=shapes,
         labels=label_info,
+        attention_mask=mask_info,
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         tnexp_version=getattr(tnexp, "__version__", "unknown"),
     )

@@ -8,11 +8,13 @@ padded tokens never enters the loss. Without a mask (or for features that are no
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
+from tnexp.features.tensors import attention_mask
 
 __all__ = [
     "DISTILLATION_LOSSES",
@@ -31,14 +33,6 @@ class DistillationLoss(Protocol):
     def __call__(
         self, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor: ...
-
-
-def attention_mask(inputs: Any) -> torch.Tensor | None:
-    """The ``attention_mask`` of model inputs (a dict such as a tokenizer's output), if any."""
-    if isinstance(inputs, Mapping):
-        mask = inputs.get("attention_mask")
-        return mask if isinstance(mask, torch.Tensor) else None
-    return None
 
 
 def feature_mask(mask: torch.Tensor | None, features: torch.Tensor) -> torch.Tensor | None:

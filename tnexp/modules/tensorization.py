@@ -299,9 +299,11 @@ class TensorizationModule(L.LightningModule):
         return features
 
     def _local_step(self, batch: Any) -> torch.Tensor:
-        mask = None  # cached features carry no attention mask: every position counts
+        mask = None
         if _is_cached_batch(batch):
             pairs = cached_pairs(batch[0])
+            # A cache of text batches stores their attention masks (the third element).
+            mask = batch[2] if len(batch) > 2 else None
         else:
             inputs = self.task.model_inputs(batch)
             mask = attention_mask(inputs)  # padded tokens are left out of the slice losses
@@ -412,7 +414,8 @@ def _batch_size(pairs: Mapping[str, FeaturePair]) -> int:
 
 
 def _is_cached_batch(batch: Any) -> bool:
-    return isinstance(batch, tuple | list) and len(batch) == 2 and isinstance(batch[0], dict)
+    """A feature-cache batch: ``(features, labels)`` or ``(features, labels, mask)``."""
+    return isinstance(batch, tuple | list) and len(batch) in (2, 3) and isinstance(batch[0], dict)
 
 
 def count_tensorized(model: nn.Module) -> int:

@@ -15,6 +15,7 @@ from torch import nn
 from tnexp.config import plain
 from tnexp.features import (
     FeatureCacheDataset,
+    attention_mask,
     open_feature_cache,
     teacher_fingerprint,
     write_feature_cache,
@@ -54,7 +55,7 @@ def build_feature_cache(
             shard_size=int(method.cache.shard_size),
             overwrite=bool(method.cache.get("overwrite", False)),
         )
-    return open_feature_cache(
+    cache = open_feature_cache(
         cache_dir,
         teacher_fingerprint=fingerprint,
         dataset_identity=datamodule.identity(),
@@ -62,6 +63,9 @@ def build_feature_cache(
         dtype=method.cache.dtype,
         verify_checksums=bool(method.cache.verify_checksums),
     )
+    first = next(iter(datamodule.train_dataloader()), None)
+    cache.check_masks(attention_mask(first) is not None)
+    return cache
 
 
 def feature_cache_dir(cfg: DictConfig, fingerprint: str) -> Path:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from tnexp.tn.errors import TensorizationError
+from tnexp.tn.linalg import truncated_split
 from tnexp.tn.ranks import (
     balanced_factors,
     check_factors,
@@ -557,11 +558,9 @@ def mpo_svd(
     """Paper algorithm 1: sequential truncated SVDs, left to right.
 
     Returns cores of shape ``(D_{k-1}, i_k, o_k, D_k)``; the singular values are carried
-    to the right, so the last core holds the scale (as in the paper). Unfoldings are split
-    in float64 through their Gram matrix when one side is at least 1.5x the other, else by
-    an SVD in the weight's own precision (float32 for a float32 checkpoint: the factors
-    are stored in that precision anyway, and the truncation error agrees to ~1e-6
-    relative; docs/benchmarks.md, "MPO SVD init").
+    to the right, so the last core holds the scale (as in the paper). Each unfolding is
+    truncated through its Gram matrix's leading eigenvectors in float64
+    (:func:`tnexp.tn.linalg.truncated_split`; docs/benchmarks.md, "MPO SVD init").
     """
     in_factors, out_factors = list(in_factors), list(out_factors)
     dtype = weight_in_out.dtype
@@ -570,39 +569,11 @@ def mpo_svd(
     left = 1
     for k, bond in enumerate(bonds):
         site = in_factors[k] * out_factors[k]
-        u, rest = _truncated_split(rest.reshape(left * site, -1), bond, svd_dtype=dtype)
+        u, rest = truncated_split(rest.reshape(left * site, -1), bond)
         cores.append(u.reshape(left, in_factors[k], out_factors[k], bond))
         left = bond
     cores.append(rest.reshape(left, in_factors[-1], out_factors[-1], 1))
     return [c.to(dtype).contiguous() for c in cores]
-
-
-def _truncated_split(
-    mat: torch.Tensor, rank: int, *, svd_dtype: torch.dtype = torch.float64
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``mat ~ U @ rest`` with orthonormal ``U`` (m x rank): the rank-``rank`` truncated SVD.
-
-    When ``rank`` truncates a rectangular unfolding, the leading subspace comes from the
-    eigenvectors of the smaller Gram matrix (a GEMM plus a symmetric eigensolver, in
-    float64: about 3x faster than its SVD, with the same error); ``rest = U^T mat`` carries
-    the singular values to the right as the SVD does (up to a rotation within the bond,
-    which leaves the product unchanged). Square-ish unfoldings use an SVD in ``svd_dtype``.
-    """
-    m, n = mat.shape
-    if rank >= min(m, n) or 2 * max(m, n) < 3 * min(m, n):
-        # Nothing truncated (the exact factorisation), or a square-ish unfolding, where the
-        # Gram matrix saves little: an SVD in ``svd_dtype``.
-        u, s, vh = torch.linalg.svd(mat.to(svd_dtype), full_matrices=False)
-        u, rest = u[:, :rank], s[:rank, None] * vh[:rank]
-        return u.to(mat.dtype), rest.to(mat.dtype)
-    if m <= n:
-        _, vecs = torch.linalg.eigh(mat @ mat.T)  # ascending eigenvalues
-        u = vecs[:, -rank:].flip(-1)
-        return u, u.T @ mat
-    _, vecs = torch.linalg.eigh(mat.T @ mat)
-    v = vecs[:, -rank:].flip(-1)
-    q, r = torch.linalg.qr(mat @ v)  # an orthonormal basis of the same leading subspace
-    return q, r @ v.T
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from tnexp.tn.errors import TensorizationError
+from tnexp.tn.linalg import leading_eigenvectors
 from tnexp.tn.ranks import tucker2_ranks_for_cr
 from tnexp.tn.timing import TIMED_CHOICES, fastest_path, input_key, timing_allowed
 
@@ -38,9 +39,7 @@ def _leading_left_singular(mat: torch.Tensor, rank: int) -> torch.Tensor:
     cheaper than an SVD of the ``rows x (other modes)`` unfolding (ResNet-34's 512-channel
     kernels unfold to 512 x 4608). A rank above ``rows`` cannot occur (rank <= channels).
     """
-    gram = mat @ mat.T
-    _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues
-    return vecs[:, -rank:].flip(-1)
+    return leading_eigenvectors(mat @ mat.T, rank)
 
 
 @torch.no_grad()
