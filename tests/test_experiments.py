@@ -148,6 +148,20 @@ def test_runs_of_one_table_share_a_group_and_have_stable_folders():
     assert a.teacher.path.endswith("cifar10_resnet34/teacher")
 
 
+@pytest.mark.parametrize("cr", ["0.5", "0.7"])
+def test_analog_data_aware_rows_change_only_the_init(cr):
+    """local_cr*_als is its random-init row with the ALS init and compensation, nothing else."""
+    base = compose_experiment(f"analog/fashion_mnist/local_cr{cr}")
+    als = compose_experiment(f"analog/fashion_mnist/local_cr{cr}_als")
+    assert base.tensorize.init == "random" and not base.tensorize.calibration.compensate
+    assert als.tensorize.init == "als" and als.tensorize.calibration.compensate is True
+    assert als.run_name != base.run_name
+    plain_base, plain_als = (OmegaConf.to_container(c, resolve=False) for c in (base, als))
+    for c in (plain_base, plain_als):
+        del c["run_name"], c["tensorize"]["init"], c["tensorize"]["calibration"]["compensate"]
+    assert plain_als == plain_base
+
+
 # ---------------------------------------------------------------- smoke
 def test_smoke_shrinks_model_data_and_trainer():
     cfg = compose_experiment("paper/gpt2xl/local", "debug=smoke")
