@@ -42,7 +42,12 @@ from tnexp.stages.build import (
     is_language_model,
     load_teacher,
 )
-from tnexp.stages.student import calibration_stats, load_student, tensorize_spec
+from tnexp.stages.student import (
+    calibration_stats,
+    load_student,
+    student_dir,
+    tensorize_spec,
+)
 
 log = logging.getLogger("tnexp")
 
@@ -50,13 +55,10 @@ __all__ = ["run_analyze"]
 
 
 def _load_student(cfg: DictConfig, path: str) -> torch.nn.Module:
-    directory = Path(path)
-    if (directory / "student" / SPEC_FILE).is_file():  # a run folder: its student/ inside
-        directory = directory / "student"
-    spec_file = directory / SPEC_FILE
+    directory = student_dir(path)
     # A student saved without base_config needs the dense architecture from this config.
     base = None
-    if spec_file.is_file() and not json.loads(spec_file.read_text()).get("base_config"):
+    if not json.loads((directory / SPEC_FILE).read_text()).get("base_config"):
         base = build_model(cfg)
     return load_student(directory, base=base)[0].eval()
 

@@ -289,16 +289,21 @@ def load_student(
     ``base`` is the dense architecture (e.g. a copy of the teacher); without it the folder's
     recorded ``base_config`` builds it.
     """
+    return load_tensorized(student_dir(path), base=base)
+
+
+def student_dir(path: str | Path) -> Path:
+    """The saved student folder of ``path``: a ``student/`` folder or a run folder holding one."""
     directory = Path(path)
     if (directory / "student" / SPEC_FILE).is_file():  # a run folder: its student/ inside
         directory = directory / "student"
     if not (directory / SPEC_FILE).is_file():
         raise ConfigError(
-            f"student.path={path} holds no saved student ({SPEC_FILE} missing): give a run "
-            "folder with a student/ inside or the student/ folder itself (written by local, "
-            "global, hybrid and assemble runs)."
+            f"{path} holds no saved student ({SPEC_FILE} missing): give a run folder with a "
+            "student/ inside or the student/ folder itself (written by local, global, hybrid "
+            "and assemble runs)."
         )
-    return load_tensorized(directory, base=base)
+    return directory
 
 
 def compensate(
@@ -378,5 +383,6 @@ __all__ = [
     "compensate",
     "load_student",
     "preserved_rng",
+    "student_dir",
     "tensorize_spec",
 ]
