@@ -6,9 +6,15 @@ after :mod:`tnexp.compensation`: ``slice`` refits every ``down_proj`` from the c
 ``gate_proj``/``up_proj`` activations of the same MLP; ``chain`` refits every projection
 of every decoder layer from the compressed model's own activations (chained slices, each
 from the same whitened init); per-layer errors before/after go to the JSON.
+``--weighting fisher`` weights each layer's output channels by the teacher's output Fisher
+(``--fisher-batches`` forward + backward passes), ``--allocation adaptive`` spends the
+budget by the (weighted) whitened spectra.
 
     OMP_NUM_THREADS=1 uv run python benchmarks/bench_smollm2_init.py --cr 0.3 \
         --batches 32 --modes slice chain --out docs/results/smollm2_compensation.json
+    OMP_NUM_THREADS=1 uv run python benchmarks/bench_smollm2_init.py --cr 0.3 \
+        --batches 32 --weighting fisher --allocation adaptive --modes slice \
+        --out docs/results/smollm2_fisher_adaptive.json
 """
 
 from __future__ import annotations
@@ -35,7 +41,10 @@ def main() -> None:
     parser.add_argument("--cr", type=float, default=0.3)
     parser.add_argument("--batches", type=int, default=32, help="calibration batches (8x128)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--modes", nargs="+", choices=["slice", "chain"], default=["slice"])
+    parser.add_argument("--modes", nargs="*", choices=["slice", "chain"], default=["slice"])
+    parser.add_argument("--weighting", choices=["none", "fisher"], default="none")
+    parser.add_argument("--fisher-batches", type=int, default=8)
+    parser.add_argument("--allocation", choices=["uniform", "adaptive"], default="uniform")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
         "--save",
@@ -56,6 +65,9 @@ def main() -> None:
         "tensorize.layout=lowrank",
         "tensorize.calibration.compensate=false",  # applied by hand below, to measure both
         f"tensorize.calibration.num_batches={args.batches}",
+        f"tensorize.weighting={args.weighting}",
+        f"tensorize.calibration.fisher_batches={args.fisher_batches}",
+        f"tensorize.allocation={args.allocation}",
         "data.seq_len=128",
         "data.batch_size=8",
         "eval.perplexity.max_length=512",
@@ -76,6 +88,9 @@ def main() -> None:
     record: dict = {
         "command": "benchmarks/bench_smollm2_init.py " + " ".join(os.sys.argv[1:]),
         "model_cr": report.model_cr,
+        "weighting": args.weighting,
+        "allocation": args.allocation,
+        "ranks": {layer.name: layer.bond_dim for layer in report.layers},
         "token_ppl": {"whitened": whitened},
         "seconds": {"build": build_s},
         "layers": {},

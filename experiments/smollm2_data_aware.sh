@@ -3,14 +3,14 @@
 # all 90 MLP projections as whitened low-rank MPOs at an overall CR of 0.3, per-layer ranks
 # from the whitened spectra, then local recovery with a warm-up + cosine schedule.
 # Usage: bash experiments/smollm2_data_aware.sh [output root] [budget dd:hh:mm:ss] [cr] [overrides...]
-# Environment: LR (default 5e-4), ALLOCATION (uniform), CALIBRATION_BATCHES (64).
+# Environment: LR (default 5e-4), ALLOCATION (adaptive), CALIBRATION_BATCHES (64).
 set -euo pipefail
 root=${1:-outputs/smollm2_data_aware}
 budget=${2:-00:00:20:00}
 cr=${3:-0.3}
 shift $(( $# < 3 ? $# : 3 ))  # the rest are extra tnexp overrides
 common=(model=smollm2_135m data=stdlib_text tensorize=mpo_llama_mlp "tensorize.overall_cr=$cr"
-        tensorize.init=whiten tensorize.layout=lowrank "tensorize.allocation=${ALLOCATION:-uniform}"
+        tensorize.init=whiten tensorize.layout=lowrank "tensorize.allocation=${ALLOCATION:-adaptive}"
         tensorize.calibration.num_batches=${CALIBRATION_BATCHES:-64}
         data.seq_len=128 data.batch_size=8 trainer.max_epochs=1 "+trainer.max_time=$budget"
         trainer.limit_val_batches=8 +trainer.val_check_interval=25

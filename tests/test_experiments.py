@@ -192,6 +192,20 @@ def test_missing_profile_is_a_clear_error(tmp_path):
         sensitive_layers(str(tmp_path))
 
 
+def test_missing_profile_in_a_config_is_a_one_line_user_error(tmp_path):
+    from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationResolutionError
+
+    from tnexp.cli import user_error_message
+
+    missing = tmp_path / "nothing"
+    cfg = OmegaConf.create({"exclude": "${tnexp.sensitive_layers:" + str(missing) + ",4}"})
+    with pytest.raises(InterpolationResolutionError) as info:
+        OmegaConf.to_container(cfg, resolve=True)
+    message = user_error_message(info.value)  # None would print a traceback as a bug
+    assert message is not None and "run the profiling experiment first" in message
+
+
 @pytest.fixture
 def fake_data(tmp_path, monkeypatch):
     """CIFAR pickles and Fashion-MNIST idx files in the real formats under one data dir."""

@@ -10,9 +10,17 @@ factory will replace, the Gram matrix of its inputs (float64, as a running mean)
   mean squared output error of a kernel change ``dW``.
 
 Layers that receive the same input tensor in a forward (Llama's ``gate_proj`` and
-``up_proj``) share one Gram. The statistics are saved as safetensors next to a JSON
-header naming what produced them, so reruns and per-slice jobs load instead of
-recomputing; a file that does not match the teacher, data or layers is refused.
+``up_proj``) share one Gram.
+
+Optionally (``weighting: fisher``) a second pass with the task's loss adds, per layer, the
+diagonal empirical Fisher of its *outputs*: ``f_o = sum over rows of (dL/dy_o)^2`` (mean
+over batches), how much the loss feels an error in output channel ``o``. Whitened
+truncations then minimise ``||X (W - W') diag(f)^(1/2)||`` instead of treating every
+output channel alike, and adaptive ranks compare layers by their estimated loss increase.
+
+The statistics are saved as safetensors next to a JSON header naming what produced them,
+so reruns and per-slice jobs load instead of recomputing; a file that does not match the
+teacher, data or layers is refused.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from tnexp.tn.errors import TensorizationError
 from tnexp.tn.mpo import is_hf_conv1d
 
 FORMAT_VERSION = 2  # 2: per-Gram checksums in the header
+FISHER_PREFIX = "fisher:"  # tensor names of the output Fisher diagonals in the file
 
 
 class CalibrationError(TensorizationError):
@@ -52,6 +61,9 @@ class InputStats:
     samples: dict[str, int]  # owner layer name -> rows averaged (tokens / patches)
     aliases: dict[str, str] = field(default_factory=dict)  # layer -> owner sharing its input
     meta: dict[str, Any] = field(default_factory=dict)
+    # layer name -> diagonal output Fisher (float64, per output channel); empty unless
+    # collected (collect_output_fisher). Never shared: gate/up see different gradients.
+    fisher: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def owner(self, name: str) -> str:
         return self.aliases.get(name, name)
@@ -73,11 +85,22 @@ class InputStats:
     def layers(self) -> list[str]:
         return sorted({*self.grams, *self.aliases})
 
+    def output_fisher(self, name: str) -> torch.Tensor:
+        """The layer's diagonal output Fisher; a clear error when it was not collected."""
+        if name not in self.fisher:
+            raise CalibrationError(
+                f"no output Fisher for layer {name!r}: weighting 'fisher' needs statistics "
+                "collected with tensorize.calibration.fisher_batches > 0 (from Python: "
+                "stats.fisher = collect_output_fisher(...))."
+            )
+        return self.fisher[name]
+
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> Path:
         """Atomically write ``<path>`` (safetensors) with the metadata in its header."""
         fields = {"samples": self.samples, "aliases": self.aliases, "meta": self.meta}
-        return save_checked(path, self.grams, fields, version=FORMAT_VERSION)
+        tensors = {**self.grams, **{FISHER_PREFIX + k: v for k, v in self.fisher.items()}}
+        return save_checked(path, tensors, fields, version=FORMAT_VERSION)
 
     @classmethod
     def load(cls, path: str | Path, *, expect: Mapping[str, Any] | None = None) -> InputStats:
@@ -89,13 +112,27 @@ class InputStats:
             fields=("samples", "aliases", "meta"),
             expect=expect,
         )
+        fisher = {
+            k[len(FISHER_PREFIX) :]: grams.pop(k)
+            for k in list(grams)
+            if k.startswith(FISHER_PREFIX)
+        }
         for name, gram in grams.items():
             if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
                 raise CalibrationError(f"{path}: Gram of {name} is not square; delete it.")
             if not torch.isfinite(gram).all():
                 raise CalibrationError(f"{path}: Gram of {name} holds NaN/Inf; delete it.")
+        for name, diag in fisher.items():
+            if diag.ndim != 1 or not torch.isfinite(diag).all() or bool((diag < 0).any()):
+                raise CalibrationError(f"{path}: output Fisher of {name} is damaged; delete it.")
         samples = {k: int(v) for k, v in fields["samples"].items()}
-        return cls(grams=grams, samples=samples, aliases=fields["aliases"], meta=fields["meta"])
+        return cls(
+            grams=grams,
+            samples=samples,
+            aliases=fields["aliases"],
+            meta=fields["meta"],
+            fisher=fisher,
+        )
 
 
 def save_checked(
@@ -372,6 +409,137 @@ def collect_input_stats(
     return acc.stats(info)
 
 
+def _output_rows(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """``y`` (an output or its gradient) as rows of output channels."""
+    if isinstance(module, nn.Conv2d):
+        return y.movedim(1, -1).reshape(-1, y.shape[1])
+    return y.reshape(-1, y.shape[-1])
+
+
+class FisherAccumulator:
+    """Forward hooks that make each named layer's output part of the autograd graph (plus
+    a zero that requires grad, so no parameter needs one) and remember it; after the
+    loss, :meth:`add_gradients` adds every output channel's summed squared gradient."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]):
+        self.model = model
+        self.names = list(names)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.batches = 0
+        self._outputs: list[tuple[str, nn.Module, torch.Tensor]] = []
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> FisherAccumulator:
+        for name in self.names:
+            module = self.model.get_submodule(name)
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._outputs.clear()
+
+    def _hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, _args: tuple, output: Any) -> Any:
+            if not isinstance(output, torch.Tensor):
+                raise CalibrationError(f"layer {name!r} returned no tensor; it has no Fisher.")
+            zero = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+            tracked = output + zero
+            self._outputs.append((name, module, tracked))
+            return tracked
+
+        return hook
+
+    def add_gradients(self, loss: torch.Tensor) -> None:
+        """Backpropagate ``loss`` to the remembered outputs only (no parameter gradients)."""
+        outputs = [t for _, _, t in self._outputs]
+        grads = torch.autograd.grad(loss, outputs, allow_unused=True)
+        for (name, module, _), grad in zip(self._outputs, grads, strict=True):
+            if grad is None:
+                continue
+            rows = _output_rows(module, grad.detach()).double()
+            total = rows.pow(2).sum(0)
+            self.sums[name] = self.sums[name] + total if name in self.sums else total
+        self._outputs.clear()
+        self.batches += 1
+
+    def fisher(self) -> dict[str, torch.Tensor]:
+        missing = [n for n in self.names if n not in self.sums]
+        if missing:
+            raise CalibrationError(
+                f"layers {missing[:5]} got no gradient from the task loss; their output "
+                "Fisher is undefined. Exclude them or use tensorize.weighting=none."
+            )
+        fisher = {n: (s / max(self.batches, 1)).cpu() for n, s in self.sums.items()}
+        if all(float(f.sum()) == 0.0 for f in fisher.values()):
+            raise CalibrationError(
+                "the task loss has zero gradient on every layer of the teacher (a task that "
+                "compares the model with the teacher, such as task=features, is already at "
+                "its optimum there); weighting 'fisher' needs a task with labels. Use "
+                "tensorize.weighting=none."
+            )
+        return fisher
+
+
+def collect_output_fisher(
+    teacher: nn.Module,
+    layer_names: Sequence[str],
+    batches: Iterable[Any],
+    *,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    num_batches: int,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Per layer, the diagonal empirical Fisher of its outputs under the task loss.
+
+    ``loss_fn(model, batch)`` returns the scalar loss of one batch (the task's mean loss).
+    The result for layer ``l`` is ``f_o = mean over batches of sum over rows (dL/dy_o)^2``
+    (rows: tokens, or pixels of a convolution's output); one forward and one backward per
+    batch, gradients only for the layers' outputs, the teacher's parameters untouched.
+    """
+    from tnexp.features import to_device
+
+    if num_batches < 1:
+        raise CalibrationError(
+            f"the output Fisher needs at least one batch, got fisher_batches={num_batches}; "
+            "set tensorize.calibration.fisher_batches to a positive number."
+        )
+    was_training = teacher.training
+    teacher.eval()
+    home = next(iter(teacher.parameters()), torch.empty(0)).device
+    if device is not None:
+        teacher.to(device)
+    try:
+        with (
+            torch.enable_grad(),
+            FisherAccumulator(teacher, layer_names) as acc,
+            work_bar(progress, num_batches, "output Fisher") as advance,
+        ):
+            for batch in batches:
+                if acc.batches >= num_batches:
+                    break
+                loss = loss_fn(teacher, to_device(batch, device))
+                if not torch.isfinite(loss):
+                    raise CalibrationError(
+                        f"the task loss is {float(loss.detach())} on a calibration batch; the teacher "
+                        "or the data is broken (check the teacher's perplexity / accuracy)."
+                    )
+                acc.add_gradients(loss)
+                advance()
+    finally:
+        teacher.train(was_training)
+        if device is not None:
+            teacher.to(home)
+    if acc.batches == 0:
+        raise CalibrationError(
+            "the calibration data yielded no batch for the output Fisher; check the data set."
+        )
+    return acc.fisher()
+
+
 def _within(name: str, path: str) -> bool:
     return name == path or name.startswith(f"{path}.")
 
@@ -492,10 +660,12 @@ def stats_key(parts: Mapping[str, Any]) -> str:
 __all__ = [
     "CalibrationError",
     "CalibrationFormatError",
+    "FisherAccumulator",
     "GramAccumulator",
     "InputStats",
     "add_gram",
     "collect_input_stats",
+    "collect_output_fisher",
     "feature_cache_feeds",
     "input_stats_from_feature_cache",
     "layer_input_rows",

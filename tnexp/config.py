@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from tnexp.errors import ConfigError
+from tnexp.errors import ConfigError, InputFileError
 from tnexp.schema import register_schemas
 
 __all__ = [
@@ -49,7 +49,7 @@ def sensitive_layers(profile: str, k: int | str = 4) -> list[str]:
     if path.is_dir():
         path = path / PROFILE_FILE
     if not path.is_file():
-        raise FileNotFoundError(
+        raise InputFileError(
             f"layer profile {path} not found: run the profiling experiment first (e.g. "
             "`uv run tnexp experiment=paper/cifar10/profile`), or list the layers to keep "
             "dense yourself with tensorize.exclude=[...]."
@@ -58,12 +58,12 @@ def sensitive_layers(profile: str, k: int | str = 4) -> list[str]:
         entries = json.loads(path.read_text())
         ranked = sorted(entries, key=lambda e: (-float(e["drop"]), e["name"]))
     except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(
+        raise ConfigError(
             f"layer profile {path} is not a profile written by tnexp ({err}); rerun the "
             "profiling experiment."
         ) from None
     if k < 0 or k > len(ranked):
-        raise ValueError(f"cannot exclude {k} layers: the profile {path} has {len(ranked)}.")
+        raise ConfigError(f"cannot exclude {k} layers: the profile {path} has {len(ranked)}.")
     return [e["name"] for e in ranked[:k]]
 
 

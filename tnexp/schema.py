@@ -128,6 +128,9 @@ class CalibrationSettings:
     training batches of the data config and saved under ``dir``."""
 
     num_batches: int = 64  # training batches of the data config
+    # training batches of the output-Fisher pass (forward + backward with the task loss);
+    # used only with tensorize.weighting=fisher
+    fisher_batches: int = 8
     dir: str | None = None  # null: <paths.cache_dir>/calibration
     compensate: bool = False  # refit later layers of each slice from the student's own inputs
     compensate_slicing: Any = "block"  # the slices compensation works within (tnexp/slicing.py)

@@ -25,6 +25,7 @@ from tnexp.factory.spec import DATA_INITS, TensorizeSpec
 from tnexp.tn.allocation import allocate_ranks, relative_tail_error
 from tnexp.tn.datainit import (
     conv_weight_matrix,
+    fisher_weights,
     input_on_first_site,
     mpo_als,
     mpo_contract,
@@ -64,7 +65,7 @@ def _needs_stats(item: _Planned) -> bool:
 def needs_input_stats(spec: TensorizeSpec) -> bool:
     """Whether ``tensorize(..., spec)`` needs the teacher's input statistics (init whiten /
     als, layout auto) or uses them (adaptive ranks of low-rank layers: whitened spectra)."""
-    return any(
+    return spec.weighting == "fisher" or any(
         r.init in DATA_INITS
         or r.layout == "auto"
         or (spec.allocation == "adaptive" and r.layout == "lowrank")
@@ -86,13 +87,28 @@ def _stats_gram(stats: Any, item: _Planned) -> torch.Tensor:
     return stats.gram(item.name)
 
 
+def _out_weights(stats: Any, name: str, spec: TensorizeSpec) -> torch.Tensor | None:
+    """The layer's output-channel weights under ``spec.weighting`` (None: unweighted)."""
+    if spec.weighting != "fisher":
+        return None
+    if stats is None:
+        raise TensorizationError(
+            f"{name}: weighting 'fisher' needs the teacher's statistics with the output "
+            "Fisher; from the CLI set tensorize.calibration.fisher_batches > 0, from Python "
+            "pass stats with stats.fisher = tnexp.calibration.collect_output_fisher(...)."
+        )
+    return fisher_weights(stats.output_fisher(name), spec.damping)
+
+
 def _build_layer(
     item: _Planned, size: Mapping[str, Any], spec: TensorizeSpec, stats: Any
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The replacement layer and what its initialisation measured (errors, ALS sweeps)."""
     rule = item.rule
     init = rule.init
-    info: dict[str, Any] = {}
+    # Only the whitened solve has a weighted form; every other init is unweighted, and the
+    # report says so per layer.
+    info: dict[str, Any] = {"weighting": "none"}
     if item.kind == "tucker":
         if init == "whiten":
             raise TensorizationError(
@@ -154,8 +170,10 @@ def _build_layer(
             item.out_factors,
             layer.bonds,
             damping=spec.damping,
+            out_weights=_out_weights(stats, item.name, spec),
             name=item.name,
         )
+        info["weighting"] = spec.weighting
     elif init == "whiten":
         cores = mpo_whiten(  # raises the clear "use als or lowrank" error
             weight, gram, item.in_factors, item.out_factors, layer.bonds, name=item.name
@@ -196,6 +214,7 @@ def _choose_layout(item: _Planned, cr: float, spec: TensorizeSpec, stats: Any) -
     """
     weight = linear_weight_in_out(item.module)
     gram = _stats_gram(stats, item)
+    weights = _out_weights(stats, item.name, spec)  # compared under the spec's weighting
     in_dim, out_dim = weight.shape
     balanced = (balanced_factors(in_dim, 2), balanced_factors(out_dim, 2))
     low = lowrank_factors(in_dim, out_dim)
@@ -204,10 +223,13 @@ def _choose_layout(item: _Planned, cr: float, spec: TensorizeSpec, stats: Any) -
         bond = mpo_bond_dim_for_cr(fin, fout, cr, name=item.name)
         bonds = mpo_bonds(fin, fout, bond)
         if layout == "lowrank":
-            cores = mpo_whiten(weight, gram, fin, fout, bonds, damping=spec.damping)
+            cores = mpo_whiten(
+                weight, gram, fin, fout, bonds, damping=spec.damping, out_weights=weights
+            )
         else:
             cores = mpo_svd(weight, fin, fout, bonds)
-        errors[layout] = output_error(weight, mpo_contract(cores).to(weight.dtype), gram)
+        approx = mpo_contract(cores).to(weight.dtype)
+        errors[layout] = output_error(weight, approx, gram, weights)
     chosen = min(errors, key=errors.__getitem__)
     item.layout = chosen
     item.in_factors, item.out_factors = low if chosen == "lowrank" else balanced
@@ -230,11 +252,32 @@ def _adaptive_sizes(
         _weight_params_after(p, _size_for(p, None)) for p in planned if p.rule.has_explicit_size
     )
     budget = (1.0 - target) * total - fixed_after
+    fisher = spec.weighting == "fisher"
+    if fisher:
+        not_lowrank = [p.name for p in free if p.layout != "lowrank"]
+        if not_lowrank:
+            raise TensorizationError(
+                f"allocation adaptive with weighting fisher compares layers by their whitened, "
+                f"Fisher-weighted spectra, which low-rank layers have; {not_lowrank[:3]} are "
+                "balanced MPOs. Use layout lowrank for them or weighting: none."
+            )
     spectra, costs, caps = [], [], []
     for item in free:
         weight = linear_weight_in_out(item.module)
         (i1, i2), (o1, o2) = item.in_factors, item.out_factors
-        if item.layout == "lowrank" and stats is not None and item.name in stats:
+        if fisher:
+            # Absolute energies: s_j^2 of L^T W diag(f)^(1/2) estimates the loss increase of
+            # dropping unit j (up to one factor shared by all layers), so the budget goes
+            # where the loss feels the error.
+            raw = stats.output_fisher(item.name).double()
+            weights = fisher_weights(raw, spec.damping)
+            spectrum = (
+                whitened_spectrum(
+                    weight, stats.gram(item.name), damping=spec.damping, out_weights=weights
+                )
+                * float(raw.clamp_min(0.0).mean()) ** 0.5
+            )
+        elif item.layout == "lowrank" and stats is not None and item.name in stats:
             spectrum = whitened_spectrum(weight, stats.gram(item.name), damping=spec.damping)
         else:  # data-free: the spectrum at the bond cut of the site-major weight
             site_major = weight.double().reshape(i1, i2, o1, o2).permute(0, 2, 1, 3)
@@ -242,7 +285,9 @@ def _adaptive_sizes(
         spectra.append(spectrum)
         costs.append(i1 * o1 + i2 * o2)
         caps.append(max(mpo_max_bonds(item.in_factors, item.out_factors)))
-    ranks = allocate_ranks(spectra, costs, budget, max_ranks=caps, names=[p.name for p in free])
+    ranks = allocate_ranks(
+        spectra, costs, budget, max_ranks=caps, names=[p.name for p in free], relative=not fisher
+    )
     sizes = {p.name: {"bond_dim": r} for p, r in zip(free, ranks, strict=True)}
     for item, spectrum, rank in zip(free, spectra, ranks, strict=True):
         sizes[item.name]["predicted_error"] = relative_tail_error(spectrum, rank)
@@ -333,6 +378,7 @@ def tensorize(
         tucker_order=spec.tucker_order,
         order_timing=spec.order_timing,
         allocation=spec.allocation,
+        weighting=spec.weighting,
         rules=[r.pattern for r in spec.rules],
     )
     return student, report

@@ -37,6 +37,9 @@ class LayerReport:
     weight_error: float | None = None
     predicted_error: float | None = None  # adaptive allocation: from the spectrum's tail
     als_sweeps: int | None = None
+    # The output weighting the init minimised under: fisher, or none (also for layers whose
+    # solver has no weighted form, e.g. ALS / Tucker-2, when the spec asked for fisher).
+    weighting: str | None = None
     rule: str | None = None  # the pattern of the rule that selected this layer
 
     @property
@@ -90,6 +93,7 @@ class TensorizeReport:
     per_layer_cr: float | None  # the uniform per-layer CR solved for overall_cr
     contraction: str = "auto"
     allocation: str = "uniform"
+    weighting: str = "none"
     rules: list[str] = field(default_factory=list)  # the spec's patterns, in order
     tucker_order: str = "auto"
     order_timing: str = "tucker"
@@ -156,6 +160,7 @@ class TensorizeReport:
             "tucker_order": self.tucker_order,
             "order_timing": self.order_timing,
             "allocation": self.allocation,
+            "weighting": self.weighting,
             "rules": [dataclasses.asdict(m) for m in self.rule_matches()],
         }
 
@@ -176,6 +181,7 @@ class TensorizeReport:
             tucker_order=data.get("tucker_order", "auto"),
             order_timing=data.get("order_timing", "tucker"),
             allocation=data.get("allocation", "uniform"),
+            weighting=data.get("weighting", "none"),
             rules=[r["pattern"] for r in data.get("rules", [])],
         )
 

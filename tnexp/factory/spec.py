@@ -28,6 +28,9 @@ INITS = ("svd", "hooi", "random", "whiten", "als")
 DATA_INITS = ("whiten", "als")  # need input statistics of the teacher (tnexp.calibration)
 LAYOUTS = ("balanced", "lowrank", "auto")
 ALLOCATIONS = ("uniform", "adaptive")
+# none: every output channel alike | fisher: output channels weighted by the teacher's
+# diagonal output Fisher under the task loss (whitened low-rank layers and their ranks).
+WEIGHTINGS = ("none", "fisher")
 
 
 # =========================================================================== spec
@@ -117,6 +120,10 @@ class TensorizeSpec:
     # uniform: one per-layer CR; adaptive: per-layer ranks that minimise the summed
     # relative output error under the overall_cr budget (2-site MPO layers).
     allocation: str = "uniform"
+    # none | fisher: whitened truncations minimise the output error weighted by the
+    # teacher's output Fisher, and adaptive ranks compare layers by estimated loss increase
+    # (needs calibration.fisher_batches > 0; docs/data_aware.md).
+    weighting: str = "none"
     damping: float = DEFAULT_DAMPING  # of the input Gram, relative to its mean diagonal
     als_sweeps: int = 4
     als_tol: float = 1e-4
@@ -129,6 +136,10 @@ class TensorizeSpec:
         if self.allocation not in ALLOCATIONS:
             raise TensorizationError(
                 f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}."
+            )
+        if self.weighting not in WEIGHTINGS:
+            raise TensorizationError(
+                f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}."
             )
         if self.allocation == "adaptive" and self.overall_cr is None:
             raise TensorizationError(

@@ -30,6 +30,7 @@ from tnexp.calibration import (
     CalibrationFormatError,
     InputStats,
     collect_input_stats,
+    collect_output_fisher,
     feature_cache_feeds,
     input_stats_from_feature_cache,
     stats_key,
@@ -64,6 +65,7 @@ SPEC_KEYS = (
     "tucker_order",
     "order_timing",
     "allocation",
+    "weighting",
     "damping",
     "als_sweeps",
     "als_tol",
@@ -150,6 +152,9 @@ def calibration_stats(
         "num_batches": num_batches,
         "layers": names,
     }
+    fisher_batches = _fisher_batches(spec, cal, paged)
+    if fisher_batches:  # only then: files without the Fisher keep their key
+        identity["fisher_batches"] = fisher_batches
     directory = Path(cal.dir or Path(cfg.paths.cache_dir) / "calibration")
 
     def file_for(identity: dict[str, Any]) -> tuple[str, Path]:
@@ -197,9 +202,40 @@ def calibration_stats(
                     progress=cfg.callbacks.get("progress_bar", "none") != "none",
                     meta=meta,
                 )
+            if fisher_batches:
+                stats.fisher = collect_output_fisher(
+                    teacher,
+                    names,
+                    datamodule.train_dataloader(),
+                    loss_fn=lambda model, batch: task.loss(task.forward(model, batch), batch),
+                    num_batches=fisher_batches,
+                    device=_device(cfg),
+                    progress=cfg.callbacks.get("progress_bar", "none") != "none",
+                )
+                stats.meta["fisher_batches"] = fisher_batches
         stats.save(path)
         log.info("calibration statistics (%d batches) saved to %s", stats.meta["batches"], path)
     return stats
+
+
+def _fisher_batches(spec: TensorizeSpec, cal: CalibrationSettings | None, paged: Any) -> int:
+    """Batches of the output-Fisher pass (0: the spec does not weight by it)."""
+    if spec.weighting != "fisher":
+        return 0
+    batches = cal.fisher_batches if cal is not None else 0
+    if batches <= 0:
+        raise CalibrationError(
+            f"tensorize.weighting=fisher needs the teacher's output Fisher, but "
+            f"tensorize.calibration.fisher_batches is {batches}; set it to a positive number "
+            "(e.g. 8) or use tensorize.weighting=none."
+        )
+    if paged is not None:
+        raise CalibrationError(
+            "tensorize.weighting=fisher needs a forward and backward pass of the whole "
+            "teacher, which memory-bounded offload=disk does not hold at once; use "
+            "method.memory_bounded.offload=cpu or tensorize.weighting=none."
+        )
+    return batches
 
 
 def _covering_cache(

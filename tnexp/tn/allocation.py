@@ -24,8 +24,13 @@ def allocate_ranks(
     *,
     max_ranks: Sequence[int] | None = None,
     names: Sequence[str] | None = None,
+    relative: bool = True,
 ) -> list[int]:
-    """Ranks (>= 1 each) whose summed cost ``sum r_l c_l`` stays within ``budget``."""
+    """Ranks (>= 1 each) whose summed cost ``sum r_l c_l`` stays within ``budget``.
+
+    ``relative``: each layer's energies as fractions of its total (summed relative error);
+    ``False``: absolute (summed absolute error, e.g. Fisher-weighted loss estimates).
+    """
     n = len(spectra)
     names = list(names or [f"layer {i}" for i in range(n)])
     caps = [min(len(s), int(m)) for s, m in zip(spectra, max_ranks or [10**12] * n, strict=True)]
@@ -41,7 +46,8 @@ def allocate_ranks(
         total = float(energy.sum())
         if total <= 0.0:
             continue
-        per_param = (energy[1:cap] / total / unit_costs[layer]).tolist()
+        scale = total if relative else 1.0
+        per_param = (energy[1:cap] / scale / unit_costs[layer]).tolist()
         gains.extend((g, layer, j) for j, g in enumerate(per_param, start=2))
     # Highest energy per parameter first; within a layer the rank order is kept.
     gains.sort(key=lambda t: (-t[0], t[1], t[2]))

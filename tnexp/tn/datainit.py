@@ -79,11 +79,34 @@ def _cholesky(gram: torch.Tensor, damping: float) -> torch.Tensor:
     )
 
 
+def fisher_weights(fisher: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
+    """Output-channel weights ``f / mean(f) + damping`` from a diagonal output Fisher.
+
+    Normalised to mean about 1 so that weighted and unweighted errors are on one scale;
+    the damping keeps channels the calibration loss never felt in the fit (a zero weight
+    would let the truncation ignore them entirely). A Fisher of zeros gives equal weights.
+    """
+    f = fisher.double().clamp_min(0.0)
+    scale = float(f.mean()) if f.numel() else 0.0
+    if not math.isfinite(scale):
+        raise TensorizationError("the output Fisher holds NaN/Inf; recollect calibration.")
+    if scale <= 0.0:
+        return torch.ones_like(f)
+    return f / scale + damping
+
+
 def output_error(
-    weight_in_out: torch.Tensor, approx_in_out: torch.Tensor, gram: torch.Tensor
+    weight_in_out: torch.Tensor,
+    approx_in_out: torch.Tensor,
+    gram: torch.Tensor,
+    out_weights: torch.Tensor | None = None,
 ) -> float:
-    """Relative output error ``||X (W - W')|| / ||X W||`` from the Gram ``X^T X``."""
+    """Relative output error ``||X (W - W')|| / ||X W||`` from the Gram ``X^T X``; with
+    ``out_weights`` each output channel's squared error is weighted (Fisher weighting)."""
     w, d, g = weight_in_out.double(), (weight_in_out - approx_in_out).double(), gram.double()
+    if out_weights is not None:
+        root = out_weights.double().sqrt().to(w.device)
+        w, d = w * root, d * root
     num = float((d * (g @ d)).sum())
     den = float((w * (g @ w)).sum())
     if den <= 0.0:
@@ -121,12 +144,16 @@ def mpo_whiten(
     bonds: Sequence[int],
     *,
     damping: float = DEFAULT_DAMPING,
+    out_weights: torch.Tensor | None = None,
     name: str = "linear",
 ) -> list[torch.Tensor]:
     """Whitened truncation: SVD of ``L^T W`` (``G = L L^T``), then ``L^{-T}`` on core 1.
 
     For a 2-site low-rank layout (``in_factors=[in, 1]``) this is the exact minimiser of
-    ``||X (W - W')||_F`` at the given rank.
+    ``||X (W - W')||_F`` at the given rank. With ``out_weights`` (:func:`fisher_weights`)
+    it minimises ``||X (W - W') diag(out_weights)^(1/2)||_F`` instead: the SVD of
+    ``L^T W diag(w)^(1/2)``, with the weighting undone on the site that holds the output
+    (which must then be one site, as in the low-rank layout).
     """
     if not input_on_first_site(in_factors):
         raise TensorizationError(
@@ -134,22 +161,50 @@ def mpo_whiten(
             f"lowrank, in_factors [in, 1, ...]); got in_factors {list(in_factors)}. Use "
             "init 'als' for balanced MPOs, or layout lowrank / auto."
         )
+    out_site = _output_site(out_factors, out_weights, name)
     chol = stable_cholesky(gram, damping)
     whitened = chol.T @ weight_in_out.double()
+    if out_weights is not None:
+        root = out_weights.double().sqrt().to(whitened.device)
+        whitened = whitened * root
     cores = mpo_svd(whitened, in_factors, out_factors, bonds)  # float64 in, float64 out
     first = cores[0]  # (1, in, o1, D1): undo the whitening on the input index
     flat = first.reshape(first.shape[1], -1)
     flat = torch.linalg.solve_triangular(chol.T, flat, upper=True)
     cores[0] = flat.reshape(first.shape)
+    if out_weights is not None:  # undo the output weighting on the output's site
+        cores[out_site] = cores[out_site] / root.view(1, 1, -1, 1)
     return cores
 
 
+def _output_site(out_factors: Sequence[int], out_weights: torch.Tensor | None, name: str) -> int:
+    """The site holding the whole output index (only needed with output weights)."""
+    if out_weights is None:
+        return -1
+    sites = [k for k, f in enumerate(out_factors) if f != 1]
+    if len(sites) > 1:
+        raise TensorizationError(
+            f"{name}: output weighting (weighting: fisher) needs the whole output on one MPO "
+            f"site (layout lowrank); got out_factors {list(out_factors)}. Use layout lowrank "
+            "or weighting: none."
+        )
+    return sites[0] if sites else len(out_factors) - 1
+
+
 def whitened_spectrum(
-    weight_in_out: torch.Tensor, gram: torch.Tensor, *, damping: float = DEFAULT_DAMPING
+    weight_in_out: torch.Tensor,
+    gram: torch.Tensor,
+    *,
+    damping: float = DEFAULT_DAMPING,
+    out_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Singular values of ``L^T W``: squared tails are the output error of each rank."""
+    """Singular values of ``L^T W`` (times ``diag(out_weights)^(1/2)``): squared tails are
+    the (weighted) output error of each rank."""
     chol = stable_cholesky(gram, damping)
-    return torch.linalg.svdvals(chol.T @ weight_in_out.double())
+    whitened = chol.T @ weight_in_out.double()
+    if out_weights is not None:
+        whitened = whitened * out_weights.double().sqrt().to(whitened.device)
+    return torch.linalg.svdvals(whitened)
 
 
 @dataclass
@@ -419,6 +474,7 @@ __all__ = [
     "conjugate_gradient",
     "conv_weight_matrix",
     "damped",
+    "fisher_weights",
     "input_on_first_site",
     "mpo_als",
     "mpo_contract",
