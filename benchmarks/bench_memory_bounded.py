@@ -87,6 +87,13 @@ def _compose(args: argparse.Namespace):
         "model.tokenizer=smollm2-135m",  # the tokenizer still comes from the GGUF package
         "data=stdlib_text",
         "tensorize=mpo_llama_mlp",
+        # Memory of the training modes, not of the init: the data-free balanced MPO (the
+        # config's data- and loss-aware defaults need calibration, refused in disk mode).
+        "tensorize.init=svd",
+        "tensorize.layout=balanced",
+        "tensorize.allocation=uniform",
+        "tensorize.weighting=none",
+        "tensorize.calibration.compensate=false",
         f"method.slicing={args.slicing}",
         f"method.local.batch_size={args.batch_size}",
         f"data.batch_size={args.batch_size}",

@@ -35,6 +35,37 @@ from tnexp.stages.build import build_datamodule, build_task, load_teacher
 from tnexp.stages.evaluate import evaluate_language_model
 from tnexp.stages.student import build_student, compensate
 
+UNIFORM_RANK_CR03 = 207  # the uniform per-layer rank of every projection at overall CR 0.3
+
+
+def plot_ranks(record: dict, path: Path) -> Path:
+    """Per-layer ranks across depth (one line per projection) beside the uniform rank."""
+    import re
+
+    from tnexp.analysis.report import new_figure
+
+    fig = new_figure(7.0, 3.6)
+    ax = fig.add_subplot()
+    by_kind: dict[str, list[tuple[int, int]]] = {}
+    for name, rank in record["ranks"].items():
+        match = re.search(r"layers\.(\d+)\..*\.(\w+_proj)$", name)
+        if match:
+            by_kind.setdefault(match.group(2), []).append((int(match.group(1)), rank))
+    for kind, points in sorted(by_kind.items()):
+        points.sort()
+        ax.plot([d for d, _ in points], [r for _, r in points], marker="o", ms=3, label=kind)
+    if record.get("uniform_rank"):
+        ax.axhline(record["uniform_rank"], color="grey", ls="--", label="uniform")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("rank (bond dimension)")
+    ax.set_title(
+        f"SmolLM2-135M ranks at CR {record['model_cr']:.2f}: allocation {record['allocation']}, "
+        f"weighting {record['weighting']}"
+    )
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    return path
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -124,6 +155,9 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=1))
+        if args.allocation == "adaptive":
+            record["uniform_rank"] = UNIFORM_RANK_CR03 if abs(args.cr - 0.3) < 1e-9 else None
+            plot_ranks(record, args.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

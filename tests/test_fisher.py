@@ -276,3 +276,22 @@ def test_stage_collects_saves_and_reloads_the_fisher(teacher_dir, tmp_path):
         assert torch.equal(a, b), name
     with pytest.raises(CalibrationError, match="fisher_batches"):
         _student(make_cfg(tmp_path / "zero", *overrides, "tensorize.calibration.fisher_batches=0"))
+
+
+def test_fisher_weighting_without_any_statistics_is_a_clear_error():
+    rule = {"pattern": "*", "cr": 0.5, "init": "svd", "layout": "lowrank"}
+    with pytest.raises(TensorizationError, match="fisher_batches"):
+        tensorize(Readout(), {"rules": [rule], "weighting": "fisher"})
+
+
+def test_spectra_of_a_fisher_spec_without_statistics_use_the_unweighted_sizes():
+    from tnexp.analysis import analyze_spectra
+    from tnexp.factory import TensorizeSpec
+
+    rules = [{"pattern": "*", "init": "whiten", "layout": "lowrank"}]
+    spec = {"rules": rules, "overall_cr": 0.5, "allocation": "adaptive"}
+    weighted = analyze_spectra(
+        Readout(), TensorizeSpec.from_config({**spec, "weighting": "fisher"})
+    )
+    plain = analyze_spectra(Readout(), TensorizeSpec.from_config(spec))
+    assert [layer.extra["cr"] for layer in weighted] == [layer.extra["cr"] for layer in plain]

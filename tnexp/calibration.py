@@ -524,8 +524,9 @@ def collect_output_fisher(
                 loss = loss_fn(teacher, to_device(batch, device))
                 if not torch.isfinite(loss):
                     raise CalibrationError(
-                        f"the task loss is {float(loss.detach())} on a calibration batch; the teacher "
-                        "or the data is broken (check the teacher's perplexity / accuracy)."
+                        f"the task loss is {float(loss.detach())} on a calibration batch; the "
+                        "teacher or the data is broken (check the teacher's perplexity / "
+                        "accuracy)."
                     )
                 acc.add_gradients(loss)
                 advance()

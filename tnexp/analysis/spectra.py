@@ -234,6 +234,9 @@ def _planned_layers(model: nn.Module, spec: TensorizeSpec, stats: Any) -> list[L
         rules=[
             dataclasses.replace(r, init="svd") if r.init in DATA_INITS else r for r in spec.rules
         ],
+        # Without statistics (method.data_aware=false) the output Fisher is unknown: the
+        # sizes are then those of the unweighted allocation.
+        weighting=spec.weighting if stats is not None and stats.fisher else "none",
     )
     _, report = tensorize(model, cheap, stats=stats)
     modules = dict(model.named_modules())

@@ -312,6 +312,8 @@ def tensorize(
     needing = [p for p in planned if _needs_stats(p)]
     if needing and stats is None:
         raise _missing_stats(needing[0])
+    if planned and stats is None:
+        _out_weights(stats, planned[0].name, spec)  # weighting fisher: the clear error
     per_layer_cr = (
         solve_overall_cr(model, planned, spec.overall_cr) if spec.overall_cr is not None else None
     )
