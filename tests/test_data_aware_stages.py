@@ -4,10 +4,11 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from stages import make_cfg
 
-from tnexp.calibration import CalibrationError
+from tnexp.calibration import FISHER_PREFIX, CalibrationError
 from tnexp.run import run_stage
 from tnexp.stages.build import build_datamodule, build_task, load_teacher
 from tnexp.stages.student import build_student
@@ -249,3 +250,29 @@ def test_statistics_come_from_the_feature_cache_when_it_holds_every_layer_input(
     for name in online.layers:
         gap = (cached.gram(name) - online.gram(name)).norm() / online.gram(name).norm()
         assert gap < 0.25, (name, float(gap))
+
+
+def test_stage_collects_saves_and_reloads_the_fisher(teacher_dir, tmp_path):
+    overrides = [
+        "method=local",
+        f"teacher.path={teacher_dir}",
+        "tensorize.init=als",
+        "tensorize.als_sweeps=1",
+        "tensorize.weighting=fisher",
+        "tensorize.calibration.num_batches=2",
+        "tensorize.calibration.fisher_batches=2",
+    ]
+    cfg = make_cfg(tmp_path, *overrides)
+    collected, report = _student(cfg)
+    files = list((tmp_path / "cache" / "calibration").glob("*.safetensors"))
+    assert len(files) == 1
+    with safe_open(str(files[0]), framework="pt") as f:
+        fisher_keys = [k for k in f.keys() if k.startswith(FISHER_PREFIX)]  # noqa: SIM118
+    assert len(fisher_keys) == len(report.layers)
+    # Tucker-2 ALS has no weighted form: the report says the layers are unweighted.
+    assert {layer.weighting for layer in report.layers} == {"none"}
+    loaded, _ = _student(cfg)
+    for (name, a), b in zip(collected.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(CalibrationError, match="fisher_batches"):
+        _student(make_cfg(tmp_path / "zero", *overrides, "tensorize.calibration.fisher_batches=0"))

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from matrices import correlated_inputs
 from torch import nn
 
 from tnexp.calibration import CalibrationError, InputStats, collect_input_stats
@@ -13,6 +14,7 @@ from tnexp.tn.allocation import allocate_ranks
 from tnexp.tn.datainit import (
     conv_weight_matrix,
     damped,
+    fisher_weights,
     mpo_als,
     mpo_contract,
     mpo_whiten,
@@ -24,14 +26,6 @@ from tnexp.tn.errors import TensorizationError
 from tnexp.tn.mpo import mpo_svd
 from tnexp.tn.ranks import mpo_bonds
 from tnexp.tn.tucker import tucker2_decompose
-
-
-def correlated_inputs(n: int, dim: int, *, seed: int = 0) -> torch.Tensor:
-    """Inputs with a strongly non-isotropic covariance (a few dominant directions)."""
-    g = torch.Generator().manual_seed(seed)
-    scales = torch.logspace(1, -2, dim, dtype=torch.float64)
-    basis, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
-    return (torch.randn(n, dim, generator=g, dtype=torch.float64) * scales) @ basis.T
 
 
 class TwoHeads(nn.Module):
@@ -106,13 +100,16 @@ def test_stats_round_trip_and_refusals(tmp_path):
 
 
 # ------------------------------------------------------------------ whitening
-def test_whiten_at_full_rank_reproduces_the_layer():
+@pytest.mark.parametrize("weighted", [False, True])
+def test_whiten_at_full_rank_reproduces_the_layer(weighted):
     torch.manual_seed(0)
     w = torch.randn(10, 14, dtype=torch.float64)
     x = correlated_inputs(200, 10)
     gram = x.T @ x
     fin, fout = [10, 1], [1, 14]
-    cores = mpo_whiten(w, gram, fin, fout, mpo_bonds(fin, fout, 10))
+    # Fisher weighting (skewed output-channel weights) is undone exactly on the output site.
+    weights = fisher_weights(torch.rand(14, dtype=torch.float64) ** 3) if weighted else None
+    cores = mpo_whiten(w, gram, fin, fout, mpo_bonds(fin, fout, 10), out_weights=weights)
     assert torch.allclose(mpo_contract(cores), w, atol=1e-9)
 
 

@@ -1,13 +1,11 @@
 """Loss-aware (Fisher-weighted) data-aware tensorization: statistics, whitening, ranks."""
 
+import matrices
 import pytest
 import torch
-from safetensors import safe_open
-from stages import make_cfg
 from torch import nn
 
 from tnexp.calibration import (
-    FISHER_PREFIX,
     CalibrationError,
     InputStats,
     collect_input_stats,
@@ -27,10 +25,7 @@ from tnexp.tn.ranks import mpo_bonds
 
 
 def correlated_inputs(n: int, dim: int, *, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    scales = torch.logspace(1, -1, dim, dtype=torch.float64)
-    basis, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
-    return (torch.randn(n, dim, generator=g, dtype=torch.float64) * scales) @ basis.T
+    return matrices.correlated_inputs(n, dim, seed=seed, decades=(1.0, -1.0))
 
 
 class Readout(nn.Module):
@@ -130,16 +125,6 @@ def test_fisher_round_trips_through_the_statistics_file(tmp_path):
 
 
 # ------------------------------------------------------------------ weighted whitening
-def test_weighted_whitening_at_full_rank_reproduces_the_layer():
-    torch.manual_seed(0)
-    w = torch.randn(10, 14, dtype=torch.float64)
-    x = correlated_inputs(200, 10)
-    weights = fisher_weights(torch.rand(14, dtype=torch.float64) ** 3)
-    fin, fout = [10, 1], [1, 14]
-    cores = mpo_whiten(w, x.T @ x, fin, fout, mpo_bonds(fin, fout, 10), out_weights=weights)
-    assert torch.allclose(mpo_contract(cores), w, atol=1e-9)
-
-
 def test_weighted_whitening_reaches_the_optimum_of_the_weighted_objective():
     torch.manual_seed(1)
     w = torch.randn(12, 20, dtype=torch.float64)
@@ -232,50 +217,6 @@ def test_fisher_weighting_without_fisher_or_with_balanced_adaptive_is_refused():
             {**balanced, "allocation": "adaptive", "weighting": "fisher"},
             stats=_stats(model, batches),
         )
-
-
-# ------------------------------------------------------------------ the CLI stages
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    from tnexp.run import run_stage
-
-    out = tmp_path_factory.mktemp("teacher")
-    run_stage(make_cfg(out, "method=pretrain", "trainer.limit_train_batches=8"))
-    return out
-
-
-def _student(cfg):
-    from tnexp.stages.build import build_datamodule, build_task, load_teacher
-    from tnexp.stages.student import build_student
-
-    datamodule, task = build_datamodule(cfg), build_task(cfg)
-    return build_student(cfg, load_teacher(cfg), datamodule, task, progress=False)
-
-
-def test_stage_collects_saves_and_reloads_the_fisher(teacher_dir, tmp_path):
-    overrides = [
-        "method=local",
-        f"teacher.path={teacher_dir}",
-        "tensorize.init=als",
-        "tensorize.als_sweeps=1",
-        "tensorize.weighting=fisher",
-        "tensorize.calibration.num_batches=2",
-        "tensorize.calibration.fisher_batches=2",
-    ]
-    cfg = make_cfg(tmp_path, *overrides)
-    collected, report = _student(cfg)
-    files = list((tmp_path / "cache" / "calibration").glob("*.safetensors"))
-    assert len(files) == 1
-    with safe_open(str(files[0]), framework="pt") as f:
-        fisher_keys = [k for k in f.keys() if k.startswith(FISHER_PREFIX)]  # noqa: SIM118
-    assert len(fisher_keys) == len(report.layers)
-    # Tucker-2 ALS has no weighted form: the report says the layers are unweighted.
-    assert {layer.weighting for layer in report.layers} == {"none"}
-    loaded, _ = _student(cfg)
-    for (name, a), b in zip(collected.state_dict().items(), loaded.state_dict().values()):
-        assert torch.equal(a, b), name
-    with pytest.raises(CalibrationError, match="fisher_batches"):
-        _student(make_cfg(tmp_path / "zero", *overrides, "tensorize.calibration.fisher_batches=0"))
 
 
 def test_fisher_weighting_without_any_statistics_is_a_clear_error():

@@ -25,9 +25,10 @@ teacher, data or layers is refused.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -345,6 +346,22 @@ class GramAccumulator:
         return InputStats(grams, dict(self.counts), aliases, dict(meta or {}))
 
 
+@contextlib.contextmanager
+def _teacher_pass(teacher: nn.Module, device: torch.device | str | None) -> Iterator[None]:
+    """The teacher in eval mode (and on ``device``) for one statistics pass, then back."""
+    was_training = teacher.training
+    teacher.eval()
+    home = next(iter(teacher.parameters()), torch.empty(0)).device
+    if device is not None:
+        teacher.to(device)
+    try:
+        yield
+    finally:
+        teacher.train(was_training)
+        if device is not None:  # a skeleton paged from disk (meta parameters) stays put
+            teacher.to(home)
+
+
 @torch.no_grad()
 def collect_input_stats(
     teacher: nn.Module,
@@ -369,37 +386,27 @@ def collect_input_stats(
             f"calibration needs at least one batch, got num_batches={num_batches}; set "
             "tensorize.calibration.num_batches to a positive number."
         )
-    was_training = teacher.training
-    teacher.eval()
-    home = next(iter(teacher.parameters()), torch.empty(0)).device
-    if device is not None:
-        teacher.to(device)
     seen = 0
-    iterator = iter(batches)
-    try:
-        with (
-            GramAccumulator(teacher, layer_names) as acc,
-            work_bar(progress, num_batches, "calibration") as advance,
-        ):
-            for batch in iterator:
-                if seen >= num_batches:
-                    break
-                acc.new_batch()
-                inputs = to_device(model_inputs(batch), device)
-                try:
-                    if isinstance(inputs, Mapping):
-                        teacher(**inputs)
-                    else:
-                        teacher(inputs)
-                except _StopForward:
-                    pass
-                acc.end_batch()
-                seen += 1
-                advance()
-    finally:
-        teacher.train(was_training)
-        if device is not None:  # a skeleton paged from disk (meta parameters) stays put
-            teacher.to(home)
+    with (
+        _teacher_pass(teacher, device),
+        GramAccumulator(teacher, layer_names) as acc,
+        work_bar(progress, num_batches, "calibration") as advance,
+    ):
+        for batch in batches:
+            if seen >= num_batches:
+                break
+            acc.new_batch()
+            inputs = to_device(model_inputs(batch), device)
+            try:
+                if isinstance(inputs, Mapping):
+                    teacher(**inputs)
+                else:
+                    teacher(inputs)
+            except _StopForward:
+                pass
+            acc.end_batch()
+            seen += 1
+            advance()
     if seen == 0:
         raise CalibrationError(
             "the calibration data yielded no batch; check the data set (train split) or "
@@ -507,33 +514,23 @@ def collect_output_fisher(
             f"the output Fisher needs at least one batch, got fisher_batches={num_batches}; "
             "set tensorize.calibration.fisher_batches to a positive number."
         )
-    was_training = teacher.training
-    teacher.eval()
-    home = next(iter(teacher.parameters()), torch.empty(0)).device
-    if device is not None:
-        teacher.to(device)
-    try:
-        with (
-            torch.enable_grad(),
-            FisherAccumulator(teacher, layer_names) as acc,
-            work_bar(progress, num_batches, "output Fisher") as advance,
-        ):
-            for batch in batches:
-                if acc.batches >= num_batches:
-                    break
-                loss = loss_fn(teacher, to_device(batch, device))
-                if not torch.isfinite(loss):
-                    raise CalibrationError(
-                        f"the task loss is {float(loss.detach())} on a calibration batch; the "
-                        "teacher or the data is broken (check the teacher's perplexity / "
-                        "accuracy)."
-                    )
-                acc.add_gradients(loss)
-                advance()
-    finally:
-        teacher.train(was_training)
-        if device is not None:
-            teacher.to(home)
+    with (
+        _teacher_pass(teacher, device),
+        torch.enable_grad(),
+        FisherAccumulator(teacher, layer_names) as acc,
+        work_bar(progress, num_batches, "output Fisher") as advance,
+    ):
+        for batch in batches:
+            if acc.batches >= num_batches:
+                break
+            loss = loss_fn(teacher, to_device(batch, device))
+            if not torch.isfinite(loss):
+                raise CalibrationError(
+                    f"the task loss is {float(loss.detach())} on a calibration batch; the "
+                    "teacher or the data is broken (check the teacher's perplexity / accuracy)."
+                )
+            acc.add_gradients(loss)
+            advance()
     if acc.batches == 0:
         raise CalibrationError(
             "the calibration data yielded no batch for the output Fisher; check the data set."
