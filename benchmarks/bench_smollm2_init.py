@@ -30,12 +30,20 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from tnexp.config import CONFIG_DIR
-from tnexp.factory import save_tensorized
+from tnexp.factory import plan_layers, save_tensorized, solve_overall_cr
 from tnexp.stages.build import build_datamodule, build_task, load_teacher
 from tnexp.stages.evaluate import evaluate_language_model
-from tnexp.stages.student import build_student, compensate
+from tnexp.stages.student import build_student, compensate, tensorize_spec
+from tnexp.tn.ranks import mpo_bond_dim_for_cr
 
-UNIFORM_RANK_CR03 = 207  # the uniform per-layer rank of every projection at overall CR 0.3
+
+def uniform_rank(teacher: torch.nn.Module, cfg) -> int:
+    """The rank uniform allocation gives the spec's first layer at its overall CR (every
+    SmolLM2 projection has the same size, so the same rank)."""
+    spec = tensorize_spec(cfg)
+    planned = plan_layers(teacher, spec)
+    cr = solve_overall_cr(teacher, planned, spec.overall_cr)
+    return mpo_bond_dim_for_cr(planned[0].in_factors, planned[0].out_factors, cr)
 
 
 def plot_ranks(record: dict, path: Path) -> Path:
@@ -156,7 +164,7 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=1))
         if args.allocation == "adaptive":
-            record["uniform_rank"] = UNIFORM_RANK_CR03 if abs(args.cr - 0.3) < 1e-9 else None
+            record["uniform_rank"] = uniform_rank(teacher, cfg)
             plot_ranks(record, args.out.with_suffix(".png"))
 
 

@@ -9,9 +9,9 @@ from tnexp.calibration import (
     CalibrationError,
     InputStats,
     collect_input_stats,
-    collect_output_fisher,
 )
 from tnexp.factory import tensorize
+from tnexp.fisher import collect_output_fisher
 from tnexp.tn.allocation import allocate_ranks
 from tnexp.tn.datainit import (
     fisher_weights,
@@ -236,3 +236,11 @@ def test_spectra_of_a_fisher_spec_without_statistics_use_the_unweighted_sizes():
     )
     plain = analyze_spectra(Readout(), TensorizeSpec.from_config(spec))
     assert [layer.extra["cr"] for layer in weighted] == [layer.extra["cr"] for layer in plain]
+
+
+def test_output_weights_of_the_wrong_length_are_refused():
+    w, gram = torch.randn(4, 6, dtype=torch.float64), torch.eye(4, dtype=torch.float64)
+    with pytest.raises(TensorizationError, match="another model"):
+        mpo_whiten(w, gram, [4, 1], [1, 6], [1, 2, 1], out_weights=torch.ones(5))
+    with pytest.raises(TensorizationError, match="another model"):
+        whitened_spectrum(w, gram, out_weights=torch.ones(7))

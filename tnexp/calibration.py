@@ -12,11 +12,8 @@ factory will replace, the Gram matrix of its inputs (float64, as a running mean)
 Layers that receive the same input tensor in a forward (Llama's ``gate_proj`` and
 ``up_proj``) share one Gram.
 
-Optionally (``weighting: fisher``) a second pass with the task's loss adds, per layer, the
-diagonal empirical Fisher of its *outputs*: ``f_o = sum over rows of (dL/dy_o)^2`` (mean
-over batches), how much the loss feels an error in output channel ``o``. Whitened
-truncations then minimise ``||X (W - W') diag(f)^(1/2)||`` instead of treating every
-output channel alike, and adaptive ranks compare layers by their estimated loss increase.
+Optionally (``weighting: fisher``) the statistics also hold each layer's diagonal output
+Fisher under the task loss (:mod:`tnexp.fisher`, a second teacher pass with a backward).
 
 The statistics are saved as safetensors next to a JSON header naming what produced them,
 so reruns and per-slice jobs load instead of recomputing; a file that does not match the
@@ -63,7 +60,7 @@ class InputStats:
     aliases: dict[str, str] = field(default_factory=dict)  # layer -> owner sharing its input
     meta: dict[str, Any] = field(default_factory=dict)
     # layer name -> diagonal output Fisher (float64, per output channel); empty unless
-    # collected (collect_output_fisher). Never shared: gate/up see different gradients.
+    # collected (tnexp.fisher.collect_output_fisher). Never shared: gate/up see different gradients.
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def owner(self, name: str) -> str:
@@ -92,7 +89,7 @@ class InputStats:
             raise CalibrationError(
                 f"no output Fisher for layer {name!r}: weighting 'fisher' needs statistics "
                 "collected with tensorize.calibration.fisher_batches > 0 (from Python: "
-                "stats.fisher = collect_output_fisher(...))."
+                "stats.fisher = tnexp.fisher.collect_output_fisher(...))."
             )
         return self.fisher[name]
 
@@ -347,7 +344,7 @@ class GramAccumulator:
 
 
 @contextlib.contextmanager
-def _teacher_pass(teacher: nn.Module, device: torch.device | str | None) -> Iterator[None]:
+def teacher_pass(teacher: nn.Module, device: torch.device | str | None) -> Iterator[None]:
     """The teacher in eval mode (and on ``device``) for one statistics pass, then back."""
     was_training = teacher.training
     teacher.eval()
@@ -388,7 +385,7 @@ def collect_input_stats(
         )
     seen = 0
     with (
-        _teacher_pass(teacher, device),
+        teacher_pass(teacher, device),
         GramAccumulator(teacher, layer_names) as acc,
         work_bar(progress, num_batches, "calibration") as advance,
     ):
@@ -414,128 +411,6 @@ def collect_input_stats(
         )
     info = {**dict(meta or {}), "batches": seen}
     return acc.stats(info)
-
-
-def _output_rows(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    """``y`` (an output or its gradient) as rows of output channels."""
-    if isinstance(module, nn.Conv2d):
-        return y.movedim(1, -1).reshape(-1, y.shape[1])
-    return y.reshape(-1, y.shape[-1])
-
-
-class FisherAccumulator:
-    """Forward hooks that make each named layer's output part of the autograd graph (plus
-    a zero that requires grad, so no parameter needs one) and remember it; after the
-    loss, :meth:`add_gradients` adds every output channel's summed squared gradient."""
-
-    def __init__(self, model: nn.Module, names: Sequence[str]):
-        self.model = model
-        self.names = list(names)
-        self.sums: dict[str, torch.Tensor] = {}
-        self.batches = 0
-        self._outputs: list[tuple[str, nn.Module, torch.Tensor]] = []
-        self._handles: list[Any] = []
-
-    def __enter__(self) -> FisherAccumulator:
-        for name in self.names:
-            module = self.model.get_submodule(name)
-            self._handles.append(module.register_forward_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._outputs.clear()
-
-    def _hook(self, name: str) -> Callable:
-        def hook(module: nn.Module, _args: tuple, output: Any) -> Any:
-            if not isinstance(output, torch.Tensor):
-                raise CalibrationError(f"layer {name!r} returned no tensor; it has no Fisher.")
-            zero = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
-            tracked = output + zero
-            self._outputs.append((name, module, tracked))
-            return tracked
-
-        return hook
-
-    def add_gradients(self, loss: torch.Tensor) -> None:
-        """Backpropagate ``loss`` to the remembered outputs only (no parameter gradients)."""
-        outputs = [t for _, _, t in self._outputs]
-        grads = torch.autograd.grad(loss, outputs, allow_unused=True)
-        for (name, module, _), grad in zip(self._outputs, grads, strict=True):
-            if grad is None:
-                continue
-            rows = _output_rows(module, grad.detach()).double()
-            total = rows.pow(2).sum(0)
-            self.sums[name] = self.sums[name] + total if name in self.sums else total
-        self._outputs.clear()
-        self.batches += 1
-
-    def fisher(self) -> dict[str, torch.Tensor]:
-        missing = [n for n in self.names if n not in self.sums]
-        if missing:
-            raise CalibrationError(
-                f"layers {missing[:5]} got no gradient from the task loss; their output "
-                "Fisher is undefined. Exclude them or use tensorize.weighting=none."
-            )
-        fisher = {n: (s / max(self.batches, 1)).cpu() for n, s in self.sums.items()}
-        if all(float(f.sum()) == 0.0 for f in fisher.values()):
-            raise CalibrationError(
-                "the task loss has zero gradient on every layer of the teacher (a task that "
-                "compares the model with the teacher, such as task=features, is already at "
-                "its optimum there); weighting 'fisher' needs a task with labels. Use "
-                "tensorize.weighting=none."
-            )
-        return fisher
-
-
-def collect_output_fisher(
-    teacher: nn.Module,
-    layer_names: Sequence[str],
-    batches: Iterable[Any],
-    *,
-    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
-    num_batches: int,
-    device: torch.device | str | None = None,
-    progress: bool = False,
-) -> dict[str, torch.Tensor]:
-    """Per layer, the diagonal empirical Fisher of its outputs under the task loss.
-
-    ``loss_fn(model, batch)`` returns the scalar loss of one batch (the task's mean loss).
-    The result for layer ``l`` is ``f_o = mean over batches of sum over rows (dL/dy_o)^2``
-    (rows: tokens, or pixels of a convolution's output); one forward and one backward per
-    batch, gradients only for the layers' outputs, the teacher's parameters untouched.
-    """
-    from tnexp.features import to_device
-
-    if num_batches < 1:
-        raise CalibrationError(
-            f"the output Fisher needs at least one batch, got fisher_batches={num_batches}; "
-            "set tensorize.calibration.fisher_batches to a positive number."
-        )
-    with (
-        _teacher_pass(teacher, device),
-        torch.enable_grad(),
-        FisherAccumulator(teacher, layer_names) as acc,
-        work_bar(progress, num_batches, "output Fisher") as advance,
-    ):
-        for batch in batches:
-            if acc.batches >= num_batches:
-                break
-            loss = loss_fn(teacher, to_device(batch, device))
-            if not torch.isfinite(loss):
-                raise CalibrationError(
-                    f"the task loss is {float(loss.detach())} on a calibration batch; the "
-                    "teacher or the data is broken (check the teacher's perplexity / accuracy)."
-                )
-            acc.add_gradients(loss)
-            advance()
-    if acc.batches == 0:
-        raise CalibrationError(
-            "the calibration data yielded no batch for the output Fisher; check the data set."
-        )
-    return acc.fisher()
 
 
 def _within(name: str, path: str) -> bool:
@@ -658,12 +533,10 @@ def stats_key(parts: Mapping[str, Any]) -> str:
 __all__ = [
     "CalibrationError",
     "CalibrationFormatError",
-    "FisherAccumulator",
     "GramAccumulator",
     "InputStats",
     "add_gram",
     "collect_input_stats",
-    "collect_output_fisher",
     "feature_cache_feeds",
     "input_stats_from_feature_cache",
     "layer_input_rows",
@@ -671,4 +544,5 @@ __all__ = [
     "load_checked",
     "save_checked",
     "stats_key",
+    "teacher_pass",
 ]

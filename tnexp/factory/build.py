@@ -87,16 +87,20 @@ def _stats_gram(stats: Any, item: _Planned) -> torch.Tensor:
     return stats.gram(item.name)
 
 
+def _missing_fisher() -> TensorizationError:
+    return TensorizationError(
+        "weighting 'fisher' needs the teacher's statistics with the output Fisher; from the "
+        "CLI set tensorize.calibration.fisher_batches > 0, from Python pass stats with "
+        "stats.fisher = tnexp.fisher.collect_output_fisher(...)."
+    )
+
+
 def _out_weights(stats: Any, name: str, spec: TensorizeSpec) -> torch.Tensor | None:
     """The layer's output-channel weights under ``spec.weighting`` (None: unweighted)."""
     if spec.weighting != "fisher":
         return None
     if stats is None:
-        raise TensorizationError(
-            f"{name}: weighting 'fisher' needs the teacher's statistics with the output "
-            "Fisher; from the CLI set tensorize.calibration.fisher_batches > 0, from Python "
-            "pass stats with stats.fisher = tnexp.calibration.collect_output_fisher(...)."
-        )
+        raise _missing_fisher()
     return fisher_weights(stats.output_fisher(name), spec.damping)
 
 
@@ -270,12 +274,9 @@ def _adaptive_sizes(
             # dropping unit j (up to one factor shared by all layers), so the budget goes
             # where the loss feels the error.
             raw = stats.output_fisher(item.name).double()
-            weights = fisher_weights(raw, spec.damping)
-            spectrum = (
-                whitened_spectrum(
-                    weight, stats.gram(item.name), damping=spec.damping, out_weights=weights
-                )
-                * float(raw.clamp_min(0.0).mean()) ** 0.5
+            absolute = fisher_weights(raw, spec.damping) * float(raw.clamp_min(0.0).mean())
+            spectrum = whitened_spectrum(
+                weight, stats.gram(item.name), damping=spec.damping, out_weights=absolute
             )
         elif item.layout == "lowrank" and stats is not None and item.name in stats:
             spectrum = whitened_spectrum(weight, stats.gram(item.name), damping=spec.damping)
@@ -312,8 +313,8 @@ def tensorize(
     needing = [p for p in planned if _needs_stats(p)]
     if needing and stats is None:
         raise _missing_stats(needing[0])
-    if planned and stats is None:
-        _out_weights(stats, planned[0].name, spec)  # weighting fisher: the clear error
+    if spec.weighting == "fisher" and stats is None:
+        raise _missing_fisher()
     per_layer_cr = (
         solve_overall_cr(model, planned, spec.overall_cr) if spec.overall_cr is not None else None
     )

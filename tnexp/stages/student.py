@@ -30,7 +30,6 @@ from tnexp.calibration import (
     CalibrationFormatError,
     InputStats,
     collect_input_stats,
-    collect_output_fisher,
     feature_cache_feeds,
     input_stats_from_feature_cache,
     stats_key,
@@ -52,6 +51,7 @@ from tnexp.factory import (
     tensorize,
 )
 from tnexp.features import teacher_fingerprint
+from tnexp.fisher import collect_output_fisher
 from tnexp.integrity import canonical_json, tensor_checksum
 from tnexp.schema import CalibrationSettings, settings_dict
 from tnexp.slicing import make_slice_plan

@@ -95,6 +95,19 @@ def fisher_weights(fisher: torch.Tensor, damping: float = DEFAULT_DAMPING) -> to
     return f / scale + damping
 
 
+def _weighted_columns(
+    matrix_in_out: torch.Tensor, out_weights: torch.Tensor, name: str = "linear"
+) -> torch.Tensor:
+    """``matrix diag(out_weights)^(1/2)``, refusing weights of the wrong length."""
+    if out_weights.shape != (matrix_in_out.shape[1],):
+        raise TensorizationError(
+            f"{name}: {tuple(out_weights.shape)} output weights for a layer with "
+            f"{matrix_in_out.shape[1]} outputs; the statistics belong to another model. "
+            "Recollect calibration."
+        )
+    return matrix_in_out * out_weights.double().sqrt().to(matrix_in_out.device)
+
+
 def output_error(
     weight_in_out: torch.Tensor,
     approx_in_out: torch.Tensor,
@@ -105,8 +118,7 @@ def output_error(
     ``out_weights`` each output channel's squared error is weighted (Fisher weighting)."""
     w, d, g = weight_in_out.double(), (weight_in_out - approx_in_out).double(), gram.double()
     if out_weights is not None:
-        root = out_weights.double().sqrt().to(w.device)
-        w, d = w * root, d * root
+        w, d = _weighted_columns(w, out_weights), _weighted_columns(d, out_weights)
     num = float((d * (g @ d)).sum())
     den = float((w * (g @ w)).sum())
     if den <= 0.0:
@@ -165,14 +177,14 @@ def mpo_whiten(
     chol = stable_cholesky(gram, damping)
     whitened = chol.T @ weight_in_out.double()
     if out_weights is not None:
-        root = out_weights.double().sqrt().to(whitened.device)
-        whitened = whitened * root
+        whitened = _weighted_columns(whitened, out_weights, name)
     cores = mpo_svd(whitened, in_factors, out_factors, bonds)  # float64 in, float64 out
     first = cores[0]  # (1, in, o1, D1): undo the whitening on the input index
     flat = first.reshape(first.shape[1], -1)
     flat = torch.linalg.solve_triangular(chol.T, flat, upper=True)
     cores[0] = flat.reshape(first.shape)
     if out_weights is not None:  # undo the output weighting on the output's site
+        root = out_weights.double().sqrt().to(cores[out_site].device)
         cores[out_site] = cores[out_site] / root.view(1, 1, -1, 1)
     return cores
 
@@ -203,7 +215,7 @@ def whitened_spectrum(
     chol = stable_cholesky(gram, damping)
     whitened = chol.T @ weight_in_out.double()
     if out_weights is not None:
-        whitened = whitened * out_weights.double().sqrt().to(whitened.device)
+        whitened = _weighted_columns(whitened, out_weights)
     return torch.linalg.svdvals(whitened)
 
 
