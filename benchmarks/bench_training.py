@@ -39,6 +39,7 @@ Usage::
 
     uv run python benchmarks/bench_training.py [--quick] [--out docs/benchmarks/training.json]
         [--epochs E] [--rounds R] [--cache-dtype float16|float32] [--device cpu|cuda]
+        [--memory-format auto|channels_last|contiguous]
 
 Targets (per-epoch wall time, ratio to global; issue 14): the ResNets local online <= 0.8x and
 local cached <= 0.6x, GPT-2 <= 0.7x and <= 0.5x.
@@ -387,6 +388,13 @@ def run_training(model: str, mode: str, args: argparse.Namespace) -> dict[str, A
 
     from tnexp.callbacks import OptimizationTimer
     from tnexp.data.phased import PhasedDataModule
+
+    try:
+        from tnexp.callbacks import MemoryFormat
+
+        layout = [MemoryFormat(args.memory_format)]
+    except ImportError:  # --compare-src of code from before runtime.memory_format
+        layout = []
     from tnexp.features import open_feature_cache, teacher_fingerprint
     from tnexp.modules import GlobalConfig, GlobalFinetune, LocalConfig, LocalDistillation
     from tnexp.modules.optim import OptimizerConfig
@@ -434,7 +442,7 @@ def run_training(model: str, mode: str, args: argparse.Namespace) -> dict[str, A
         enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        callbacks=[timer, recorder],
+        callbacks=[timer, recorder, *layout],
     )
     cuda = args.device == "cuda"
     if cuda:
@@ -473,6 +481,7 @@ def run_training(model: str, mode: str, args: argparse.Namespace) -> dict[str, A
         "params_student": sum(p.numel() for p in student.parameters()),
         "params_teacher": sum(p.numel() for p in teacher.parameters()),
         "threads": torch.get_num_threads(),
+        "memory_format": layout[0].used if layout else "contiguous",
     }
     if cuda:
         out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
@@ -552,6 +561,8 @@ def _child(
         str(args.gpt2_seq_len),
         "--lr",
         str(args.lr),
+        "--memory-format",
+        args.memory_format,
     ]
     idle_before = (
         wait_quiet(args.quiet_threshold, args.max_wait) if args.quiet_threshold > 0 else None
@@ -822,6 +833,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpt2-sequences", type=int, default=256)
     parser.add_argument("--gpt2-seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument(
+        "--memory-format",
+        default="auto",
+        choices=["auto", "channels_last", "contiguous"],
+        help="runtime.memory_format of the fits (auto: channels_last for the ResNets)",
+    )
     parser.add_argument(
         "--quiet-threshold",
         type=float,

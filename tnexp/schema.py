@@ -119,6 +119,10 @@ class RuntimeSettings:
     # auto: a training step below this many GFLOP (forward+backward, counted on the first
     # step) runs on 1 thread (docs/benchmarks.md, "Threads").
     tiny_step_gflop: float = 0.1
+    # Layout of 4-D tensors while a stage trains: auto (channels_last for models with 2-D
+    # convolutions, contiguous otherwise) | channels_last | contiguous
+    # (tnexp/callbacks/memory_format.py; docs/benchmarks.md, "Memory format").
+    memory_format: str = "auto"
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Lightning callbacks used across tnexp runs."""
 
+from tnexp.callbacks.memory_format import MemoryFormat
 from tnexp.callbacks.timer import OptimizationTimer
 
-__all__ = ["OptimizationTimer"]
+__all__ = ["MemoryFormat", "OptimizationTimer"]

@@ -147,15 +147,16 @@ class LocalObjective:
         as ``mask=``; only mask-aware losses accept it.
         """
         dtype = next(student.parameters()).dtype
+        layout = _layout_of(student)
         extra = {} if mask is None else {"mask": mask}
         per_slice: dict[str, torch.Tensor] = {}
         for s in self.slices:
             pair = pairs[s.name]
-            prediction = s.forward(student, _as_dtype(pair.input, dtype), **pair.kwargs)
+            prediction = s.forward(student, _cast(pair.input, dtype, layout), **pair.kwargs)
             # Each slice's graph is disjoint from the others', so the summed loss gives each
             # slice exactly the gradient it would get if it were trained alone.
             per_slice[s.name] = self.loss(
-                prediction, _as_dtype(pair.target, prediction.dtype), **extra
+                prediction, _cast(pair.target, prediction.dtype, layout), **extra
             )
         total = torch.stack(list(per_slice.values())).sum()
         # One host sync per step (this read of the sum) instead of one per slice: a NaN/Inf
@@ -187,6 +188,25 @@ class LocalObjective:
                 )
 
 
-def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``tensor`` in ``dtype``; the tensor itself (no cast op) when it already is."""
+def _layout_of(student: nn.Module) -> torch.memory_format:
+    """``channels_last`` when the student's convolutions are (runtime.memory_format)."""
+    for p in student.parameters():
+        if p.dim() != 4:
+            continue
+        plain, last = p.is_contiguous(), p.is_contiguous(memory_format=torch.channels_last)
+        if plain != last:  # a 1x1 kernel or a single input channel is in both layouts
+            return torch.channels_last if last else _PLAIN
+    return _PLAIN
+
+
+_PLAIN = torch.contiguous_format
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype, layout: torch.memory_format) -> torch.Tensor:
+    """``tensor`` in ``dtype`` and, if 4-D, in ``layout``: one copy at most, none when it
+    already is (teacher and cached features are NCHW; a channels_last student would
+    otherwise reorder each input in its first convolution and mix layouts in the loss)."""
+    reorder = layout is not _PLAIN and tensor.dim() == 4
+    if reorder and not tensor.is_contiguous(memory_format=layout):
+        return tensor.to(dtype, memory_format=layout)
     return tensor if tensor.dtype == dtype else tensor.to(dtype)

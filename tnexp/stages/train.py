@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_model
 
 from tnexp.callbacks import OptimizationTimer
+from tnexp.callbacks.memory_format import memory_format_record
 from tnexp.config import plain
 from tnexp.data.phased import PhasedDataModule
 from tnexp.errors import ConfigError
@@ -223,7 +224,7 @@ def _write_results(
         data=data_summary(cfg, getattr(trainer, "datamodule", None)),
         epochs=trainer.current_epoch,
         global_step=trainer.global_step,
-        runtime=runtime_record(),
+        runtime={**runtime_record(), **memory_format_record(trainer)},
         config=plain_config(cfg),
     ).write(out)
     log.info("results written to %s", out / "results.json")
