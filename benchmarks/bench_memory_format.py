@@ -20,6 +20,7 @@ Usage::
 
     OMP_NUM_THREADS=1 uv run python benchmarks/bench_memory_format.py --threads 1 \\
         --out docs/benchmarks/memory_format.json
+    uv run python benchmarks/bench_memory_format.py --device cuda   # where a GPU is lent
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channel
 SPEC = {"rules": [{"pattern": "layer*.*.conv*", "cr": 0.5, "init": "random"}]}
 
 
-def build(model: str) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
+def build(model: str, device: str) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     if model == "resnet18":
         teacher = cifar_resnet18(width=16, in_channels=1, num_classes=10).eval()
@@ -57,7 +58,8 @@ def build(model: str) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]
         teacher = small_resnet(width=16, in_channels=1, num_classes=10).eval()
         x = torch.randn(32, 1, 16, 16)
     student, _ = tensorize(teacher, SPEC)
-    return teacher, student, x, torch.randint(0, 10, (x.shape[0],))
+    y = torch.randint(0, 10, (x.shape[0],))
+    return teacher.to(device), student.to(device), x.to(device), y.to(device)
 
 
 def cached_pairs(teacher: nn.Module, plan: Any, x: torch.Tensor) -> dict[str, FeaturePair]:
@@ -79,8 +81,8 @@ def cached_pairs(teacher: nn.Module, plan: Any, x: torch.Tensor) -> dict[str, Fe
     return {name: FeaturePair(inp, out) for name, (inp, out) in pairs.items()}
 
 
-def steps(model: str, fmt: str) -> dict[str, Callable[[], None]]:
-    teacher, student, x, y = build(model)
+def steps(model: str, fmt: str, device: str) -> dict[str, Callable[[], None]]:
+    teacher, student, x, y = build(model, device)
     plan = make_slice_plan(student, "block")
     pairs = cached_pairs(teacher, plan, x)
     student = copy.deepcopy(student).to(memory_format=FORMATS[fmt])
@@ -105,17 +107,24 @@ def steps(model: str, fmt: str) -> dict[str, Callable[[], None]]:
     return {"global": global_step, "local": local_step, "teacher": teacher_forward}
 
 
-def measure(model: str, repeats: int, n_steps: int) -> dict[str, Any]:
-    fns = {(fmt, kind): fn for fmt in FORMATS for kind, fn in steps(model, fmt).items()}
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()  # kernels run asynchronously; time what they did
+
+
+def measure(model: str, repeats: int, n_steps: int, device: str) -> dict[str, Any]:
+    fns = {(fmt, kind): fn for fmt in FORMATS for kind, fn in steps(model, fmt, device).items()}
     for fn in fns.values():
         for _ in range(2):
             fn()
     samples: dict[tuple[str, str], list[float]] = {key: [] for key in fns}
     for _ in range(repeats):
         for key, fn in fns.items():
+            _sync(device)
             start = time.perf_counter()
             for _ in range(n_steps):
                 fn()
+            _sync(device)
             samples[key].append((time.perf_counter() - start) / n_steps * 1e3)
     med = {f"{fmt}/{kind}": statistics.median(v) for (fmt, kind), v in samples.items()}
     ratios = {}
@@ -142,6 +151,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=5, help="steps per sample")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -151,13 +161,14 @@ def main() -> None:
             "torch": torch.__version__,
             "python": platform.python_version(),
             "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
             "loadavg_at_start": os.getloadavg(),
             "argv": os.sys.argv,
         },
         "models": {},
     }
     for model in args.models:
-        res = measure(model, args.repeats, args.steps)
+        res = measure(model, args.repeats, args.steps, args.device)
         results["models"][model] = res
         print(f"## {model} (median ms per step)")
         for key, value in res["median_ms"].items():
