@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -40,9 +41,10 @@ import torch
 from torch import nn
 
 from tnexp.factory import tensorize
+from tnexp.features import FeatureCapture
 from tnexp.models import cifar_resnet18, small_resnet
 from tnexp.modules import LocalObjective
-from tnexp.modules.objective import FeaturePair
+from tnexp.modules.objective import FeaturePair, feature_pairs
 from tnexp.slicing import make_slice_plan
 
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -63,22 +65,13 @@ def build(model: str, device: str) -> tuple[nn.Module, nn.Module, torch.Tensor, 
 
 
 def cached_pairs(teacher: nn.Module, plan: Any, x: torch.Tensor) -> dict[str, FeaturePair]:
-    """Each slice's teacher input and output, float16 NCHW (a feature cache's batch)."""
-    pairs: dict[str, list[torch.Tensor]] = {s.name: [] for s in plan}
-    hooks = []
-    for s in plan:
-        first, last = teacher.get_submodule(s.paths[0]), teacher.get_submodule(s.paths[-1])
-        hooks.append(
-            first.register_forward_pre_hook(lambda m, a, n=s.name: pairs[n].insert(0, a[0].half()))
-        )
-        hooks.append(
-            last.register_forward_hook(lambda m, a, o, n=s.name: pairs[n].append(o.half()))
-        )
-    with torch.no_grad():
-        teacher(x)
-    for h in hooks:
-        h.remove()
-    return {name: FeaturePair(inp, out) for name, (inp, out) in pairs.items()}
+    """Each slice's teacher input and output in float16 NCHW, as a feature-cache batch."""
+    with FeatureCapture(teacher, plan, stop_after_last=True) as capture, torch.no_grad():
+        features = capture(x)
+    return {
+        name: FeaturePair(pair.input.half(), pair.target.half())
+        for name, pair in feature_pairs(features).items()
+    }
 
 
 def steps(model: str, fmt: str, device: str) -> dict[str, Callable[[], None]]:
@@ -163,7 +156,7 @@ def main() -> None:
             "threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
             "loadavg_at_start": os.getloadavg(),
-            "argv": os.sys.argv,
+            "argv": sys.argv,
         },
         "models": {},
     }

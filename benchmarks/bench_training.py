@@ -388,6 +388,9 @@ def run_training(model: str, mode: str, args: argparse.Namespace) -> dict[str, A
 
     from tnexp.callbacks import OptimizationTimer
     from tnexp.data.phased import PhasedDataModule
+    from tnexp.features import open_feature_cache, teacher_fingerprint
+    from tnexp.modules import GlobalConfig, GlobalFinetune, LocalConfig, LocalDistillation
+    from tnexp.modules.optim import OptimizerConfig
 
     try:
         from tnexp.callbacks import MemoryFormat
@@ -395,9 +398,6 @@ def run_training(model: str, mode: str, args: argparse.Namespace) -> dict[str, A
         layout = [MemoryFormat(args.memory_format)]
     except ImportError:  # --compare-src of code from before runtime.memory_format
         layout = []
-    from tnexp.features import open_feature_cache, teacher_fingerprint
-    from tnexp.modules import GlobalConfig, GlobalFinetune, LocalConfig, LocalDistillation
-    from tnexp.modules.optim import OptimizerConfig
 
     teacher, student, report, plan, task, dm, _ = build_setup(model, args)
     batch_size = {

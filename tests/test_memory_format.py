@@ -100,7 +100,8 @@ def test_channels_last_trains_like_contiguous_and_is_undone_after_the_stage(meth
     ):
         assert a.is_contiguous(), name  # back to the usual layout for exports
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
-    assert all(p.is_contiguous() for p in fast.teacher.parameters()) if fast.teacher else True
+    if method == "local":
+        assert not _is_channels_last(fast.teacher)  # the teacher is put back as well
 
 
 def test_a_stage_with_channels_last_exports_its_student(tmp_path):
@@ -120,8 +121,8 @@ def test_a_stage_with_channels_last_exports_its_student(tmp_path):
 
 
 def test_the_local_loss_keeps_channels_last_gradients_and_casts_features_once():
+    from tnexp.callbacks.memory_format import module_layout, to_layout
     from tnexp.modules.losses import mse
-    from tnexp.modules.objective import _cast
 
     last = torch.channels_last
     x = torch.randn(2, 3, 4, 5).contiguous(memory_format=last).requires_grad_()
@@ -132,11 +133,16 @@ def test_the_local_loss_keeps_channels_last_gradients_and_casts_features_once():
     assert x.grad.is_contiguous(memory_format=last)  # F.mse_loss's would be contiguous
     # a float16 NCHW feature from the cache, for a channels_last float32 student
     cached = torch.randn(2, 3, 4, 5).half()
-    cast = _cast(cached, torch.float32, last)
+    cast = to_layout(cached, torch.float32, last)
     assert cast.dtype == torch.float32 and cast.is_contiguous(memory_format=last)
     torch.testing.assert_close(cast, cached.float())
     plain = cached.float()
-    assert _cast(plain, torch.float32, torch.contiguous_format) is plain  # no copy
+    assert to_layout(plain, torch.float32, torch.contiguous_format) is plain  # no copy
+    # the layout the objective casts to is the student's (the first telling weight)
+    net = small_resnet(width=8)  # its stem has one input channel: in both layouts
+    assert module_layout(net) is torch.contiguous_format
+    assert module_layout(net.to(memory_format=last)) is last
+    assert module_layout(torch.nn.Linear(3, 4)) is torch.contiguous_format
 
 
 def test_restored_nchw_optimizer_moments_are_aligned_before_fused_adam_steps(tmp_path):

@@ -25,9 +25,11 @@ __all__ = [
     "MEMORY_FORMATS",
     "MemoryFormat",
     "align_optimizer_state",
-    "convolution_count",
+    "has_convolutions",
     "memory_format_record",
+    "module_layout",
     "resolve_memory_format",
+    "to_layout",
 ]
 
 log = logging.getLogger("tnexp")
@@ -35,9 +37,17 @@ log = logging.getLogger("tnexp")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 
-def convolution_count(module: nn.Module) -> int:
-    """How many 2-D convolutions ``module`` holds (Tucker-2's three count as three)."""
-    return sum(isinstance(m, nn.Conv2d) for m in module.modules())
+def has_convolutions(module: nn.Module) -> bool:
+    """Whether ``module`` holds a 2-D convolution (Tucker-2 layers hold three)."""
+    return any(isinstance(m, nn.Conv2d) for m in module.modules())
+
+
+def _check(setting: str) -> None:
+    if setting not in MEMORY_FORMATS:
+        raise ConfigError(
+            f"runtime.memory_format must be one of {', '.join(MEMORY_FORMATS)}, got "
+            f"{setting!r}; e.g. runtime.memory_format=channels_last."
+        )
 
 
 def resolve_memory_format(setting: str, module: nn.Module) -> str:
@@ -46,14 +56,34 @@ def resolve_memory_format(setting: str, module: nn.Module) -> str:
     ``auto`` means ``channels_last`` for a model with 2-D convolutions and ``contiguous``
     otherwise (a transformer has no 4-D weights, so the format changes nothing there).
     """
-    if setting not in MEMORY_FORMATS:
-        raise ConfigError(
-            f"runtime.memory_format must be one of {', '.join(MEMORY_FORMATS)}, got "
-            f"{setting!r}; e.g. runtime.memory_format=channels_last."
-        )
+    _check(setting)
     if setting == "auto":
-        return "channels_last" if convolution_count(module) else "contiguous"
+        return "channels_last" if has_convolutions(module) else "contiguous"
     return setting
+
+
+def module_layout(module: nn.Module) -> torch.memory_format:
+    """The layout ``module``'s 4-D weights are in now (``channels_last`` after the callback's
+    ``setup``, ``contiguous_format`` otherwise), read from the first weight that tells the
+    two apart (a 1x1 kernel or a single input channel is in both)."""
+    for p in module.parameters():
+        if p.dim() == 4:
+            plain, last = p.is_contiguous(), p.is_contiguous(memory_format=torch.channels_last)
+            if plain != last:
+                return torch.channels_last if last else torch.contiguous_format
+    return torch.contiguous_format
+
+
+def to_layout(
+    tensor: torch.Tensor, dtype: torch.dtype, layout: torch.memory_format
+) -> torch.Tensor:
+    """``tensor`` in ``dtype`` and, if 4-D, in ``layout``: one copy at most, none when it
+    already is. Teacher and cached features are NCHW; fed as is to a channels_last student
+    they would be reordered by its first convolution and mix layouts in the loss."""
+    reorder = layout is not torch.contiguous_format and tensor.dim() == 4
+    if reorder and not tensor.is_contiguous(memory_format=layout):
+        return tensor.to(dtype, memory_format=layout)
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _apply(module: nn.Module | None, fmt: str) -> None:
@@ -74,8 +104,7 @@ class MemoryFormat(L.Callback):
     """
 
     def __init__(self, memory_format: str = "auto") -> None:
-        if memory_format not in MEMORY_FORMATS:
-            resolve_memory_format(memory_format, nn.Module())  # raises the config error
+        _check(memory_format)
         self.memory_format = memory_format
         self.chosen: str | None = None  # while a stage runs
         self.used: str | None = None  # the format of the last stage (results.json)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tnexp.callbacks.memory_format import module_layout, to_layout
 from tnexp.features import SliceFeatures
 from tnexp.modules.guard import DivergenceGuard, NonFiniteLossError
 from tnexp.modules.losses import get_distillation_loss
@@ -147,16 +148,16 @@ class LocalObjective:
         as ``mask=``; only mask-aware losses accept it.
         """
         dtype = next(student.parameters()).dtype
-        layout = _layout_of(student)
+        layout = module_layout(student)
         extra = {} if mask is None else {"mask": mask}
         per_slice: dict[str, torch.Tensor] = {}
         for s in self.slices:
             pair = pairs[s.name]
-            prediction = s.forward(student, _cast(pair.input, dtype, layout), **pair.kwargs)
+            prediction = s.forward(student, to_layout(pair.input, dtype, layout), **pair.kwargs)
             # Each slice's graph is disjoint from the others', so the summed loss gives each
             # slice exactly the gradient it would get if it were trained alone.
             per_slice[s.name] = self.loss(
-                prediction, _cast(pair.target, prediction.dtype, layout), **extra
+                prediction, to_layout(pair.target, prediction.dtype, layout), **extra
             )
         total = torch.stack(list(per_slice.values())).sum()
         # One host sync per step (this read of the sum) instead of one per slice: a NaN/Inf
@@ -186,27 +187,3 @@ class LocalObjective:
                     f"rate (method.local.optimizer.lr), check the inputs for NaN, or "
                     f"{self.resume_hint}."
                 )
-
-
-def _layout_of(student: nn.Module) -> torch.memory_format:
-    """``channels_last`` when the student's convolutions are (runtime.memory_format)."""
-    for p in student.parameters():
-        if p.dim() != 4:
-            continue
-        plain, last = p.is_contiguous(), p.is_contiguous(memory_format=torch.channels_last)
-        if plain != last:  # a 1x1 kernel or a single input channel is in both layouts
-            return torch.channels_last if last else _PLAIN
-    return _PLAIN
-
-
-_PLAIN = torch.contiguous_format
-
-
-def _cast(tensor: torch.Tensor, dtype: torch.dtype, layout: torch.memory_format) -> torch.Tensor:
-    """``tensor`` in ``dtype`` and, if 4-D, in ``layout``: one copy at most, none when it
-    already is (teacher and cached features are NCHW; a channels_last student would
-    otherwise reorder each input in its first convolution and mix layouts in the loss)."""
-    reorder = layout is not _PLAIN and tensor.dim() == 4
-    if reorder and not tensor.is_contiguous(memory_format=layout):
-        return tensor.to(dtype, memory_format=layout)
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
